@@ -1,0 +1,17 @@
+"""lark-jax: LARK learnability-grounded trajectory selection in JAX / Flax NNX."""
+
+from lark_jax.errors import LarkError
+from lark_jax.models import (
+    Decoder,
+    ModelConfig,
+    Student,
+    generate,
+    generate_ids,
+    load_student,
+    save_student,
+)
+
+__version__ = "0.1.0"
+
+__all__ = ["Decoder", "LarkError", "ModelConfig", "Student", "generate", "generate_ids",
+           "load_student", "save_student", "__version__"]

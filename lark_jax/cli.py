@@ -1,0 +1,136 @@
+"""``lark-jax`` command line: parse, call the library, report.
+
+Each subcommand registers itself in ``COMMANDS`` with an ``add_arguments``
+and a ``run(args, reporter)``; errors the user can fix (``LarkError``) print
+one line and exit 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from lark_jax.errors import LarkError
+from lark_jax.progress import Reporter
+
+EXIT_USER_ERROR = 2
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    g.add_argument("-v", "--verbose", action="store_true", help="more progress output")
+
+
+# -- generate --------------------------------------------------------------------------
+
+
+def _add_generate(p):
+    p.add_argument("--model", required=True, help="HF-style model directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a user message (repeatable)")
+    src.add_argument("--prompts-file", help="text file, one user message per line")
+    p.add_argument("--raw", action="store_true",
+                   help="use prompts as-is instead of applying the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch-size", type=int, default=32)
+
+
+def _run_generate(args, rep: Reporter) -> None:
+    from lark_jax.models import generate, load_student
+
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                messages = [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise LarkError(f"cannot read prompts ({e})", where=args.prompts_file) from None
+    else:
+        messages = args.prompt
+    student = load_student(args.model, dtype=args.dtype)
+    if args.raw:
+        prompts = messages
+    else:
+        prompts = [student.tokenizer.apply_chat_template(
+            [{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
+            for m in messages]
+    t0 = time.perf_counter()
+    with rep.bar(len(prompts), "generate", unit="prompt") as advance:
+        outs = generate(student, prompts, args.max_new_tokens, args.temperature, args.top_p,
+                        args.seed, batch_size=args.batch_size, progress=advance)
+    for m, o in zip(messages, outs, strict=True):
+        print(json.dumps({"prompt": m, "completion": o}, ensure_ascii=False))
+    rep.summary(f"generated {len(outs)} completion(s) in {time.perf_counter() - t0:.1f}s")
+
+
+# -- make-tiny -------------------------------------------------------------------------
+
+
+def _add_make_tiny(p):
+    p.add_argument("--out", required=True, help="directory to create")
+    p.add_argument("--family", default="qwen2", choices=["llama", "qwen2", "qwen3"])
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _run_make_tiny(args, rep: Reporter) -> None:
+    from lark_jax.models.tiny import make_tiny_student
+
+    out = make_tiny_student(args.out, args.family, seed=args.seed, overwrite=args.overwrite,
+                            hidden_size=args.hidden_size, num_layers=args.layers)
+    rep.summary(f"wrote a random tiny {args.family} student to {out}")
+
+
+COMMANDS = {
+    "generate": ("complete prompts with a student (KV-cached, batched)",
+                 _add_generate, _run_generate),
+    "make-tiny": ("write a random tiny HF-style student (for tests and trying things out)",
+                  _add_make_tiny, _run_make_tiny),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lark-jax",
+        description="LARK: learnability-grounded selection of reasoning trajectories (JAX).")
+    from lark_jax import __version__
+
+    parser.add_argument("--version", action="version", version=f"lark-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_, add, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add(p)
+        _common(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    rep = Reporter(quiet=args.quiet, verbose=args.verbose)
+    try:
+        COMMANDS[args.command][2](args, rep)
+    except LarkError as e:
+        print(f"lark-jax {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"lark-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

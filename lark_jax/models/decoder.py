@@ -1,0 +1,251 @@
+"""One Flax NNX decoder for the Llama, Qwen2/Qwen2.5 and Qwen3 families.
+
+Per layer l (pre-norm residual blocks, HF conventions):
+
+    h   = x + W_o · Attn(RoPE(n_q(W_q·RMS(x))), RoPE(n_k(W_k·RMS(x))), W_v·RMS(x))
+    out = h + W_down · (silu(W_gate·RMS(h)) ⊙ W_up·RMS(h))
+
+with RMS(x) = w ⊙ x / sqrt(mean(x²) + ε) computed in float32, optional q/k/v
+biases (Qwen2), optional per-head RMSNorm n_q, n_k (Qwen3), and logits
+z = W_head · RMS(x_L) (W_head = W_embed when tied).
+
+Layer weights are stacked on a leading layer axis and the layers run under
+``lax.scan``: one compiled layer body, whatever the depth (fast compiles on
+28-layer students), and ``jax.checkpoint`` per layer when ``remat`` is on.
+Weight matrices keep the Hugging Face [out, in] layout so loading and saving
+never transpose.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from lark_jax.models.attention import attention
+from lark_jax.models.config import ModelConfig, rope_inv_freq
+
+
+class ParamSpec(NamedTuple):
+    attr: str  # attribute on Decoder (top level) or Decoder.layers (stacked)
+    hf_name: str  # tensor name in HF safetensors; "{i}" = layer index
+    shape: tuple[int, ...]  # per-layer shape for stacked params
+    init: str  # "normal" | "ones" | "zeros"
+    stacked: bool
+
+
+def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
+    """The single table that drives initialisation, loading, saving and sharding."""
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    a = "model.layers.{i}.self_attn."
+    m = "model.layers.{i}.mlp."
+    specs = [
+        ParamSpec("embed", "model.embed_tokens.weight", (v, d), "normal", False),
+        ParamSpec("final_norm", "model.norm.weight", (d,), "ones", False),
+        ParamSpec("input_norm", "model.layers.{i}.input_layernorm.weight", (d,), "ones", True),
+        ParamSpec("q_proj", a + "q_proj.weight", (cfg.q_dim, d), "normal", True),
+        ParamSpec("k_proj", a + "k_proj.weight", (cfg.kv_dim, d), "normal", True),
+        ParamSpec("v_proj", a + "v_proj.weight", (cfg.kv_dim, d), "normal", True),
+        ParamSpec("o_proj", a + "o_proj.weight", (d, cfg.q_dim), "normal", True),
+        ParamSpec("post_norm", "model.layers.{i}.post_attention_layernorm.weight", (d,),
+                  "ones", True),
+        ParamSpec("gate_proj", m + "gate_proj.weight", (f, d), "normal", True),
+        ParamSpec("up_proj", m + "up_proj.weight", (f, d), "normal", True),
+        ParamSpec("down_proj", m + "down_proj.weight", (d, f), "normal", True),
+    ]
+    if not cfg.tie_word_embeddings:
+        specs.append(ParamSpec("lm_head", "lm_head.weight", (v, d), "normal", False))
+    if cfg.qkv_bias:
+        specs += [ParamSpec("q_bias", a + "q_proj.bias", (cfg.q_dim,), "zeros", True),
+                  ParamSpec("k_bias", a + "k_proj.bias", (cfg.kv_dim,), "zeros", True),
+                  ParamSpec("v_bias", a + "v_proj.bias", (cfg.kv_dim,), "zeros", True)]
+    if cfg.o_bias:
+        specs.append(ParamSpec("o_bias", a + "o_proj.bias", (d,), "zeros", True))
+    if cfg.mlp_bias:
+        specs += [ParamSpec("gate_bias", m + "gate_proj.bias", (f,), "zeros", True),
+                  ParamSpec("up_bias", m + "up_proj.bias", (f,), "zeros", True),
+                  ParamSpec("down_bias", m + "down_proj.bias", (d,), "zeros", True)]
+    if cfg.qk_norm:
+        specs += [ParamSpec("q_norm", a + "q_norm.weight", (cfg.head_dim,), "ones", True),
+                  ParamSpec("k_norm", a + "k_norm.weight", (cfg.head_dim,), "ones", True)]
+    return specs
+
+
+def rms_norm(x, w, eps):
+    xf = x.astype(jnp.float32)
+    xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * xf.astype(x.dtype)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions, dtype):
+    """cos/sin tables [B, T, head_dim] for integer positions (float32, then cast like HF)."""
+    inv = jnp.asarray(rope_inv_freq(cfg))
+    ang = positions.astype(jnp.float32)[..., None] * inv
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang).astype(dtype), jnp.sin(ang).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, T, H, D]; rotate-half convention of HF Llama/Qwen."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
+
+
+class KVCache(NamedTuple):
+    """Stacked per-layer cache: k, v [L, B, S, Hkv, D]; valid [B, S] marks usable slots."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> KVCache:
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, length), bool))
+
+
+class Layers(nnx.Module):
+    """Holds the stacked [num_layers, ...] weights; the math lives in Decoder._layer."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        for spec in param_specs(cfg):
+            if spec.stacked:
+                setattr(self, spec.attr, nnx.Param(
+                    _init(spec, (cfg.num_layers, *spec.shape), dtype, rngs)))
+
+
+def _init(spec: ParamSpec, shape, dtype, rngs: nnx.Rngs):
+    if spec.init == "ones":
+        return jnp.ones(shape, dtype)
+    if spec.init == "zeros":
+        return jnp.zeros(shape, dtype)
+    return (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Decoder(nnx.Module):
+    """Causal LM. ``model(ids) -> logits``; ``hidden_states`` + ``logits`` for chunked heads.
+
+    Args:
+      cfg: the family-agnostic configuration.
+      dtype: parameter and activation dtype (float32 or bfloat16); norms, softmax
+        and attention scores are always computed in float32.
+      remat: recompute each layer in the backward pass (training memory).
+      attn_impl: "auto" | "dense" | "blockwise" (see ``models.attention``).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, remat: bool = False,
+                 attn_impl: str = "auto", rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.remat = remat
+        self.attn_impl = attn_impl
+        for spec in param_specs(cfg):
+            if not spec.stacked:
+                setattr(self, spec.attr, nnx.Param(_init(spec, spec.shape, dtype, rngs)))
+        self.layers = Layers(cfg, dtype, rngs)
+
+    # -- forward -----------------------------------------------------------------
+
+    def head_weight(self) -> jax.Array:
+        """The [V, D] output projection (the embedding when tied)."""
+        return (self.embed if self.cfg.tie_word_embeddings else self.lm_head)[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Map final hidden states [..., D] to logits [..., V] (in the model dtype)."""
+        return jnp.einsum("...d,vd->...v", hidden, self.head_weight())
+
+    def __call__(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
+        return self.logits(self.hidden_states(input_ids, positions, segment_ids))
+
+    def hidden_states(self, input_ids, positions=None, segment_ids=None, *,
+                      cache: KVCache | None = None, cache_index=None):
+        """Final-norm hidden states [B, T, D].
+
+        Args:
+          input_ids: int [B, T].
+          positions: int [B, T] RoPE positions; default 0..T-1 (per row).
+          segment_ids: int [B, T]; tokens attend only within their segment (packing).
+          cache: a KVCache; the T new keys/values are written at slots
+            ``cache_index .. cache_index+T-1`` and attention covers every valid slot
+            at or before each query's slot. Returns ``(hidden, new_cache)`` then.
+          cache_index: int scalar, the slot of input_ids[:, 0] in the cache.
+        """
+        cfg = self.cfg
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.zeros((b, t), jnp.int32)
+        x = jnp.take(self.embed[...], input_ids, axis=0)
+        cos, sin = rope_cos_sin(cfg, positions, self.dtype)
+        layer_params = {k: v for k, v in nnx.to_pure_dict(nnx.state(self.layers)).items()}
+
+        if cache is None:
+            q_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            ctx = dict(q_idx=q_idx, kv_idx=q_idx, q_seg=segment_ids, kv_seg=segment_ids,
+                       kv_valid=jnp.ones((b, t), bool))
+
+            def body(x, p):
+                x, _ = self._layer(x, p, cos, sin, ctx, None, None)
+                return x, None
+
+            if self.remat:
+                body = jax.checkpoint(body)
+            x, _ = lax.scan(body, x, layer_params)
+            return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+
+        s_len = cache.k.shape[2]
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+        q_idx = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
+        kv_idx = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (b, s_len))
+        zeros = jnp.zeros((b, s_len), jnp.int32)
+        ctx = dict(q_idx=q_idx, kv_idx=kv_idx, q_seg=jnp.zeros((b, t), jnp.int32), kv_seg=zeros,
+                   kv_valid=cache.valid)
+
+        def body_c(x, xs):
+            p, ck, cv = xs
+            return self._layer(x, p, cos, sin, ctx, (ck, cv), cache_index)
+
+        x, (new_k, new_v) = lax.scan(body_c, x, (layer_params, cache.k, cache.v))
+        hidden = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        return hidden, KVCache(new_k, new_v, cache.valid)
+
+    def _layer(self, x, p, cos, sin, ctx, cache_kv, cache_index):
+        cfg = self.cfg
+        b, t, _ = x.shape
+
+        def proj(h, w, bias):
+            y = jnp.einsum("btd,fd->btf", h, p[w])
+            return y + p[bias] if bias in p else y
+
+        h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
+        q = proj(h, "q_proj", "q_bias").reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = proj(h, "k_proj", "k_bias").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = proj(h, "v_proj", "v_bias").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+            k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = None
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            k = lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+            v = lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            new_kv = (k, v)
+        o = attention(q, k, v, impl=self.attn_impl, **ctx)
+        x = x + proj(o.reshape(b, t, cfg.q_dim), "o_proj", "o_bias")
+        h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
+        mlp = jax.nn.silu(proj(h, "gate_proj", "gate_bias")) * proj(h, "up_proj", "up_bias")
+        x = x + proj(mlp, "down_proj", "down_bias")
+        return x, new_kv
+
+
+def param_count(model: Decoder) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

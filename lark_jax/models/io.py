@@ -1,0 +1,252 @@
+"""Load Hugging Face style model directories into the NNX decoder, and save them back.
+
+Safetensors only: a directory holding just pickle weights (``*.bin``, ``*.pt``,
+``*.pth``, ``*.ckpt``) is refused, never unpickled; tokenizers load with
+``trust_remote_code=False`` and ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lark_jax.errors import LarkError
+from lark_jax.models.config import ModelConfig
+from lark_jax.models.decoder import Decoder, ParamSpec, param_specs
+from lark_jax.models.safetensors_io import SafetensorsFile, write_file
+from lark_jax.parallel import make_mesh, param_sharding
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Which axis of each weight is split over the "model" mesh axis (Megatron-style:
+# column-parallel q/k/v/gate/up, row-parallel o/down, vocab-parallel embed/head).
+_SPLIT_AXIS = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0,
+               "o_proj": 1, "down_proj": 1, "embed": 0, "lm_head": 0,
+               "q_bias": 0, "k_bias": 0, "v_bias": 0, "gate_bias": 0, "up_bias": 0}
+
+
+@dataclasses.dataclass
+class Student:
+    """A loaded student: the NNX module, its tokenizer, its config and its mesh."""
+
+    model: Decoder
+    tokenizer: Any
+    config: ModelConfig
+    mesh: jax.sharding.Mesh
+    path: str | None = None
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return tuple(sorted(ids))
+
+
+def resolve_dtype(dtype) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise LarkError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype)
+
+
+def _weight_index(model_dir: Path) -> dict[str, SafetensorsFile]:
+    """Map every tensor name to the (lazily opened) file that holds it."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise LarkError("malformed index (expected {'weight_map': {...}})",
+                            where=str(index)) from None
+        files: dict[str, SafetensorsFile] = {}
+        out = {}
+        for name, fname in weight_map.items():
+            fpath = (model_dir / fname).resolve()
+            if fpath.parent != model_dir.resolve():
+                raise LarkError(f"shard {fname!r} lies outside the model directory",
+                                where=str(index))
+            if fname not in files:
+                if not fpath.is_file():
+                    raise LarkError(f"shard {fname!r} listed in the index is missing",
+                                    where=str(index))
+                files[fname] = SafetensorsFile(fpath)
+            if name not in files[fname].header:
+                raise LarkError(f"tensor {name!r} is not in shard {fname!r}", where=str(index))
+            out[name] = files[fname]
+        return out
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if not shards:
+        pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise LarkError(
+                f"only pickle weights found ({', '.join(pickles)}); lark-jax loads safetensors "
+                "only and never unpickles. Convert them with a trusted tool first.",
+                where=str(model_dir))
+        raise LarkError("no model.safetensors (or model.safetensors.index.json) found",
+                        where=str(model_dir))
+    out = {}
+    for shard in shards:
+        f = SafetensorsFile(shard)
+        for name in f.keys():
+            out[name] = f
+    return out
+
+
+def _load_param(spec: ParamSpec, cfg: ModelConfig, tensors, dtype, mesh, model_dir) -> jax.Array:
+    names = ([spec.hf_name.format(i=i) for i in range(cfg.num_layers)] if spec.stacked
+             else [spec.hf_name])
+    for name in names:
+        if name not in tensors:
+            raise LarkError(f"missing tensor {name!r}", where=str(model_dir))
+        got = tensors[name].shape(name)
+        if got != spec.shape:
+            raise LarkError(f"tensor {name!r} has shape {list(got)}, expected "
+                            f"{list(spec.shape)} from config.json",
+                            where=str(tensors[name].path))
+    shape = (cfg.num_layers, *spec.shape) if spec.stacked else spec.shape
+    split = _SPLIT_AXIS.get(spec.attr)
+    if split is not None and spec.stacked:
+        split += 1
+    sharding = param_sharding(mesh, shape, split)
+    np_dtype = np.dtype(dtype)
+
+    def read(index) -> np.ndarray:
+        # Called once per device shard: read only that slice from the memory map.
+        if not spec.stacked:
+            return np.asarray(tensors[names[0]].get(names[0])[index], dtype=np_dtype)
+        layers = range(cfg.num_layers)[index[0]]
+        return np.stack([np.asarray(tensors[names[i]].get(names[i])[index[1:]], dtype=np_dtype)
+                         for i in layers])
+
+    return jax.make_array_from_callback(shape, sharding, read)
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                     "tokenizer.model", "vocab.json")):
+        raise LarkError("no tokenizer files (tokenizer.json / tokenizer_config.json)",
+                        where=str(model_dir))
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False,
+                                             local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise LarkError(f"cannot load tokenizer: {e}", where=str(model_dir)) from None
+
+
+def load_student(model_dir: str | Path, dtype="float32", *, mesh=None, tokenizer: bool = True,
+                 remat: bool = False, attn_impl: str = "auto") -> Student:
+    """Load an HF-style directory (config.json, safetensors, tokenizer) onto a device mesh.
+
+    Parameters are created abstractly (``nnx.eval_shape``) and each tensor is
+    read from its memory map straight into its ``NamedSharding``, one device
+    shard at a time: the host never holds the model twice.
+
+    Args:
+      model_dir: the directory.
+      dtype: "float32" | "bfloat16" | "float16" (parameters and activations).
+      mesh: a ("data", "model") mesh; default all devices on "data" (params replicated).
+      tokenizer: also load the tokenizer (required by scoring and generation).
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise LarkError("model directory not found", where=str(model_dir))
+    dtype = resolve_dtype(dtype)
+    cfg = ModelConfig.from_file(model_dir / "config.json")
+    tensors = _weight_index(model_dir)
+    mesh = mesh if mesh is not None else make_mesh()
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, remat=remat, attn_impl=attn_impl))
+    graphdef, state = nnx.split(abstract)
+    pure: dict[str, Any] = {"layers": {}}
+    for spec in param_specs(cfg):
+        arr = _load_param(spec, cfg, tensors, dtype, mesh, model_dir)
+        (pure["layers"] if spec.stacked else pure)[spec.attr] = arr
+    nnx.replace_by_pure_dict(state, pure)
+    model = nnx.merge(graphdef, state)
+    tok = load_tokenizer(model_dir) if tokenizer else None
+    return Student(model=model, tokenizer=tok, config=cfg, mesh=mesh, path=str(model_dir))
+
+
+def _host_tensors(model: Decoder, dtype=None):
+    """Yield (hf_name, numpy array) in a stable order, one layer stack at a time."""
+    cfg = model.cfg
+    for spec in param_specs(cfg):
+        owner = model.layers if spec.stacked else model
+        arr = np.asarray(jax.device_get(getattr(owner, spec.attr)[...]))
+        if dtype is not None:
+            arr = arr.astype(np.dtype(dtype))
+        if spec.stacked:
+            for i in range(cfg.num_layers):
+                yield spec.hf_name.format(i=i), arr[i]
+        else:
+            yield spec.hf_name, arr
+
+
+def save_student(model: Decoder, out_dir: str | Path, tokenizer=None, *, dtype=None,
+                 max_shard_bytes: int = 4 * 2**30, overwrite: bool = False,
+                 extra_config: dict | None = None) -> Path:
+    """Write an HF-style directory that transformers (and ``load_student``) can load.
+
+    Written into a temporary sibling directory and renamed into place, so an
+    interrupted save never leaves a half-written model. Shards above
+    ``max_shard_bytes`` get a ``model.safetensors.index.json``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        raise LarkError("refusing to write through a symbolic link", where=str(out_dir))
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise LarkError("output directory exists and is not empty", where=str(out_dir))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        shards: list[dict[str, np.ndarray]] = [{}]
+        size = 0
+        for name, arr in _host_tensors(model, dtype):
+            if size and size + arr.nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = arr
+            size += arr.nbytes
+        if len(shards) == 1:
+            write_file(tmp / "model.safetensors", shards[0])
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                write_file(tmp / fname, shard)
+                for name, arr in shard.items():
+                    weight_map[name] = fname
+                    total += arr.nbytes
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            del shards
+        hf = model.cfg.to_hf_dict()
+        saved = np.dtype(dtype) if dtype is not None else model.dtype
+        hf["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
+            str(saved), "float32")
+        hf.update(extra_config or {})
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
