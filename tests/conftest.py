@@ -1,0 +1,68 @@
+"""Test setup: 8 simulated CPU devices (set before JAX initialises) and tiny students."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import pytest  # noqa: E402
+
+# Tiny configurations covering every family feature the decoder implements.
+FAMILY_CASES = {
+    "llama_tied_gqa": dict(model_type="llama", tie_word_embeddings=True,
+                           num_attention_heads=4, num_key_value_heads=2),
+    "llama3_rope_untied_bias": dict(
+        model_type="llama", tie_word_embeddings=False, num_attention_heads=4,
+        num_key_value_heads=4, attention_bias=True, mlp_bias=True,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 16}),
+    "qwen2_bias_tied": dict(model_type="qwen2", tie_word_embeddings=True,
+                            num_attention_heads=4, num_key_value_heads=2),
+    "qwen3_qknorm_headdim": dict(model_type="qwen3", tie_word_embeddings=False,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+}
+
+
+def build_hf_student(out_dir, case: str, seed: int = 0):
+    """A random transformers (PyTorch) model of the case, saved with our tokenizer."""
+    import torch
+    import transformers
+
+    from lark_jax.models.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    kw = dict(FAMILY_CASES[case])
+    model_type = kw.pop("model_type")
+    cfg_cls = transformers.CONFIG_MAPPING[model_type]
+    cfg = cfg_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=2, initializer_range=0.15, rms_norm_eps=1e-6,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                  bos_token_id=None, **kw)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():  # non-trivial norms and biases so every tensor matters
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def hf_students(tmp_path_factory):
+    """{case: (dir, torch model)} for every FAMILY_CASES entry, built once per session."""
+    out = {}
+    for case in FAMILY_CASES:
+        d = tmp_path_factory.mktemp(case)
+        model, _ = build_hf_student(d, case)
+        out[case] = (d, model)
+    return out
