@@ -90,7 +90,64 @@ def _run_make_tiny(args, rep: Reporter) -> None:
     rep.summary(f"wrote a random tiny {args.family} student to {out}")
 
 
+# -- score -----------------------------------------------------------------------------
+
+
+def _add_score(p):
+    p.add_argument("--pool", required=True, help="trajectory pool (JSONL)")
+    p.add_argument("--student", required=True, help="HF-style student directory")
+    p.add_argument("--out", required=True, help="scores JSON to write")
+    p.add_argument("--top-k", type=int, default=50, help="K of the top-K Brier (reference: 50)")
+    p.add_argument("--brier", default="topk", choices=["topk", "full"],
+                   help="Brier used for rho: the reference's top-K renormalised, or exact")
+    p.add_argument("--max-length", type=int, default=32768)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch-tokens", type=int, default=16384,
+                   help="tokens per batch over all devices (rows x row length)")
+    p.add_argument("--row-length", type=int, default=2048,
+                   help="packed row length (power of two); longer trajectories get own rows")
+    p.add_argument("--chunk-tokens", type=int, default=1024,
+                   help="positions whose float32 logits are held at once")
+    p.add_argument("--model-parallel", type=int, default=1,
+                   help="split parameters over this many devices (the mesh's model axis)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--estimator", default="proxy", choices=["proxy"],
+                   help="proxy = the forward-pass Brier/L of the paper")
+
+
+def _run_score(args, rep: Reporter) -> None:
+    from lark_jax.learnability.runner import ScoreConfig, score_pool
+    from lark_jax.models import load_student
+    from lark_jax.parallel import make_mesh, mesh_summary
+
+    cfg = ScoreConfig(top_k=args.top_k, brier=args.brier, max_length=args.max_length,
+                      batch_tokens=args.batch_tokens, row_length=args.row_length,
+                      chunk_tokens=args.chunk_tokens)
+    cfg.validate()
+    mesh = make_mesh(model=args.model_parallel)
+    rep.info(f"loading {args.student} ({args.dtype}) on {mesh_summary(mesh)}")
+    student = load_student(args.student, dtype=args.dtype, mesh=mesh)
+    total = _count_lines(args.pool)
+    with rep.bar(total, "score", unit="traj") as advance:
+        s = score_pool(student, args.pool, args.out, cfg, resume=args.resume,
+                       progress=lambda n, tokens: advance(n, tok=tokens))
+    rate = s.tokens / s.seconds if s.seconds > 0 else 0.0
+    rep.summary(f"scored {s.n_scored} trajectories of {s.n_problems} problems "
+                f"({s.n_skipped} skipped, {s.n_resumed} resumed); {s.tokens} tokens in "
+                f"{s.seconds:.1f}s ({rate:,.0f} tok/s) -> {s.out}")
+
+
+def _count_lines(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return None
+
+
 COMMANDS = {
+    "score": ("score a trajectory pool with a student (LARK learnability)",
+              _add_score, _run_score),
     "generate": ("complete prompts with a student (KV-cached, batched)",
                  _add_generate, _run_generate),
     "make-tiny": ("write a random tiny HF-style student (for tests and trying things out)",

@@ -66,3 +66,29 @@ def hf_students(tmp_path_factory):
         model, _ = build_hf_student(d, case)
         out[case] = (d, model)
     return out
+
+
+def write_pool(path, n_problems: int = 6, seed: int = 0, teachers=("terse", "verbose", "odd")):
+    """A small multi-teacher arithmetic pool in the reference JSONL format."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for pid in range(n_problems):
+            a, b = rng.randint(1, 99), rng.randint(1, 99)
+            for cid, t in enumerate(teachers):
+                if t == "terse":
+                    ans = f"{a}+{b}={a + b}. \\boxed{{{a + b}}}"
+                elif t == "verbose":
+                    ans = (f"Take {a}, then add {b}. " * rng.randint(1, 8)
+                           + f"The answer is \\boxed{{{a + b}}}")
+                else:
+                    ans = f"<<{a}|{b}>> => {a + b}"
+                msgs = [{"role": "user", "content": f"What is {a} plus {b}?"},
+                        {"role": "assistant", "content": ans}]
+                if pid % 2:
+                    msgs.insert(0, {"role": "system", "content": "Think step by step."})
+                f.write(json.dumps({"problem_id": pid, "candidate_id": cid, "teacher": t,
+                                    "messages": msgs}) + "\n")
+    return path

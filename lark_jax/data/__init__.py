@@ -1,0 +1,1 @@
+"""Pool schema and validation, chat tokenization, packing."""

@@ -1,0 +1,258 @@
+"""The scoring run: pool → packed batches → sharded kernel → sidecar → scores JSON.
+
+Rows computed so far are appended to ``OUT.partial.jsonl`` (flushed and
+fsynced after every batch). ``resume=True`` skips every record already in
+the sidecar, so a crash or preemption loses at most the batch in flight; the
+final JSON is written to a temporary file and renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from lark_jax.data.chat import Tokenized, tokenize_record
+from lark_jax.data.packing import PackedBatch, best_fit_rows, build_batch
+from lark_jax.data.pool import Record, iter_pool
+from lark_jax.errors import LarkError
+from lark_jax.learnability.kernel import STATS, score_batch
+from lark_jax.learnability.scores import build_scores
+from lark_jax.parallel import data_sharding
+
+SIDECAR_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    top_k: int = 50
+    brier: str = "topk"  # "topk" (the reference) | "full" (exact)
+    max_length: int = 32768
+    batch_tokens: int = 16384  # tokens per device batch (rows x row_length, summed over devices)
+    row_length: int = 2048  # packed row length; longer trajectories get their own rows
+    max_segments: int = 32  # trajectories per packed row
+    chunk_tokens: int = 1024  # positions whose float32 logits exist at once
+    window_tokens: int = 1 << 20  # records tokenized and packed together
+
+    def validate(self) -> None:
+        if self.brier not in ("topk", "full"):
+            raise LarkError(f"--brier must be topk or full, got {self.brier!r}")
+        if self.top_k < 1:
+            raise LarkError("--top-k must be >= 1")
+        if self.max_length < 2:
+            raise LarkError("--max-length must be >= 2")
+        if self.row_length < 16 or self.row_length & (self.row_length - 1):
+            raise LarkError("--row-length must be a power of two >= 16")
+
+
+def _bucket(n: int, row_length: int) -> int:
+    return max(row_length, 1 << (n - 1).bit_length())
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Sidecar:
+    """Append-only JSONL of finished rows; the first line records the run's settings."""
+
+    def __init__(self, path: Path, header: dict, resume: bool):
+        self.path = path
+        self.rows: list[dict] = []
+        self.skipped: list[dict] = []
+        self.created = not path.exists()
+        if path.exists() and not resume:
+            raise LarkError("a partial run exists here; pass --resume to continue it or delete "
+                            "the file", where=str(path))
+        if path.exists():
+            self._load(header)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(header) + "\n")
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def _load(self, header: dict) -> None:
+        with open(self.path, "rb") as f:
+            data = f.read()
+        lines = data.split(b"\n")
+        # The last element is b"" after a complete write; anything else is a torn line.
+        good = lines[:-1]
+        try:
+            got = json.loads(good[0]) if good else None
+        except json.JSONDecodeError:
+            got = None
+        want = {k: v for k, v in header.items() if k != "brier"}
+        if got is None or {k: v for k, v in got.items() if k != "brier"} != want:
+            raise LarkError(f"the partial run was made with other settings ({got}); delete it "
+                            "or rerun with the same options", where=str(self.path))
+        for ln in good[1:]:
+            row = json.loads(ln)
+            (self.skipped if row.get("skipped") else self.rows).append(row)
+        keep = sum(len(x) + 1 for x in good)
+        if keep != len(data):  # drop a torn final line before appending after it
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+
+    def done_keys(self) -> set[tuple[int, int]]:
+        return {(r["problem_id"], r["candidate_id"]) for r in self.rows + self.skipped}
+
+    def append(self, rows: list[dict]) -> None:
+        for r in rows:
+            (self.skipped if r.get("skipped") else self.rows).append(r)
+            self._f.write(json.dumps(r) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self, remove: bool = False) -> None:
+        self._f.close()
+        if remove:
+            self.path.unlink(missing_ok=True)
+
+
+@dataclasses.dataclass
+class ScoreSummary:
+    n_problems: int
+    n_scored: int
+    n_skipped: int
+    n_resumed: int
+    tokens: int  # assistant tokens scored in this invocation
+    padded_tokens: int  # row slots computed (incl. padding and prompts) in this invocation
+    seconds: float
+    out: str
+
+
+def _batches(items: list[Tokenized], cfg: ScoreConfig, n_data: int):
+    """Group a window of tokenized items into fixed-shape packed batches."""
+    short = [i for i, t in enumerate(items) if len(t.ids) <= cfg.row_length]
+    long_ = [i for i, t in enumerate(items) if len(t.ids) > cfg.row_length]
+    rows_per_batch = max(n_data, (cfg.batch_tokens // cfg.row_length) // n_data * n_data)
+    rows = best_fit_rows([len(items[i].ids) for i in short], cfg.row_length, cfg.max_segments)
+    rows = [[short[j] for j in row] for row in rows]
+    for s in range(0, len(rows), rows_per_batch):
+        yield build_batch(items, rows[s:s + rows_per_batch], rows_per_batch, cfg.row_length)
+    by_len: dict[int, list[int]] = {}
+    for i in long_:
+        by_len.setdefault(_bucket(len(items[i].ids), cfg.row_length), []).append(i)
+    for length, idx in sorted(by_len.items()):
+        per = max(n_data, (cfg.batch_tokens // length) // n_data * n_data)
+        for s in range(0, len(idx), per):
+            yield build_batch(items, [[i] for i in idx[s:s + per]], per, length)
+
+
+def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = ScoreConfig(),
+               *, resume: bool = False, progress: Callable[..., None] | None = None,
+               student_name: str | None = None) -> ScoreSummary:
+    """Score every trajectory of ``pool`` with ``student`` and write the scores JSON to ``out``.
+
+    ``progress(n_records, tokens=...)`` is called after each batch.
+    """
+    cfg.validate()
+    t0 = time.perf_counter()
+    pool, out = Path(pool), Path(out)
+    if out.is_dir():
+        raise LarkError("output path is a directory", where=str(out))
+    if student.tokenizer is None:
+        raise LarkError("scoring needs the student's tokenizer")
+    name = student_name or student.path or "student"
+    header = {"lark_jax_sidecar": SIDECAR_VERSION, "student": str(name), "top_k": cfg.top_k,
+              "max_length": cfg.max_length, "pool": str(pool.resolve())}
+    sidecar = Sidecar(out.with_name(out.name + ".partial.jsonl"), header, resume)
+    n_resumed = len(sidecar.rows) + len(sidecar.skipped)
+    done = sidecar.done_keys()
+    graphdef, state = nnx.split(student.model)
+    mesh = student.mesh
+    n_data = mesh.shape["data"]
+    tokens = padded = 0
+
+    def run_window(records: list[Record], items: list[Tokenized]) -> None:
+        nonlocal tokens, padded
+        skipped = [r for r, t in zip(records, items, strict=True) if t.n_targets == 0]
+        if skipped:
+            sidecar.append([{"skipped": True, "problem_id": r.problem_id,
+                             "candidate_id": r.candidate_id} for r in skipped])
+        keep = [(r, t) for r, t in zip(records, items, strict=True) if t.n_targets > 0]
+        recs, toks = [r for r, _ in keep], [t for _, t in keep]
+        for batch in _batches(toks, cfg, n_data):
+            sums = _run_batch(graphdef, state, batch, cfg, mesh)
+            rows = []
+            for r, s, i in batch.slots:
+                v = sums[r, s]
+                rec = recs[i]
+                row = {"problem_id": rec.problem_id, "candidate_id": rec.candidate_id,
+                       "teacher": rec.teacher}
+                row.update({k: float(x) for k, x in zip(STATS, v, strict=True)})
+                row["tokens"] = int(round(row["tokens"]))
+                rows.append(row)
+            sidecar.append(rows)
+            n_tok = sum(r["tokens"] for r in rows)
+            tokens += n_tok
+            padded += batch.ids.size
+            if progress is not None:
+                progress(len(rows), tokens=n_tok)
+
+    try:
+        records: list[Record] = []
+        items: list[Tokenized] = []
+        window = 0
+        for rec in iter_pool(pool):
+            if rec.key in done:
+                continue
+            t = tokenize_record(student.tokenizer, rec.messages, cfg.max_length,
+                                where=f"{pool}:{rec.line}")
+            records.append(rec)
+            items.append(t)
+            window += len(t.ids)
+            if window >= cfg.window_tokens:
+                run_window(records, items)
+                records, items, window = [], [], 0
+        if records:
+            run_window(records, items)
+        rows, skipped = sidecar.rows, sidecar.skipped
+        scores = build_scores(rows, cfg.brier)
+        problems = {r["problem_id"] for r in rows} | {r["problem_id"] for r in skipped}
+        result = {
+            "method": "lark_ghat", "student_model": str(name), "top_k": cfg.top_k,
+            "brier": cfg.brier, "max_length": cfg.max_length,
+            "n_problems": len(problems), "n_scored": len(rows), "n_skipped": len(skipped),
+            "scores": scores,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(out, result)
+    except BaseException:
+        # A run that failed before finishing any row leaves nothing behind.
+        sidecar.close(remove=sidecar.created and not (sidecar.rows or sidecar.skipped))
+        raise
+    sidecar.close(remove=True)
+    return ScoreSummary(len(problems), len(rows), len(skipped), n_resumed, tokens, padded,
+                        time.perf_counter() - t0, str(out))
+
+
+def graphdef_vocab(graphdef, state) -> int:
+    return int(state["embed"][...].shape[0])
+
+
+def _run_batch(graphdef, state, batch: PackedBatch, cfg: ScoreConfig, mesh) -> np.ndarray:
+    arrays = [jax.device_put(x, data_sharding(mesh, 2)) for x in
+              (batch.ids, batch.positions, batch.segments, batch.targets, batch.weights)]
+    max_seg = max(1, max(s for _, s, _ in batch.slots) + 1) if batch.slots else 1
+    # A few static segment counts (powers of two) keep the number of programs small.
+    max_seg = 1 << math.ceil(math.log2(max_seg)) if max_seg > 1 else 1
+    vocab = graphdef_vocab(graphdef, state)
+    out = score_batch(graphdef, state, *arrays, top_k=min(cfg.top_k, vocab), max_segments=max_seg,
+                      chunk_tokens=cfg.chunk_tokens)
+    return np.asarray(out, np.float64)
