@@ -145,11 +145,60 @@ def _count_lines(path: str) -> int | None:
         return None
 
 
+# -- train -----------------------------------------------------------------------------
+
+
+def _add_train(p):
+    p.add_argument("--data", required=True, help="selection JSONL (meta.train_weight honoured)")
+    p.add_argument("--student", required=True, help="HF-style student directory")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--batch-size", type=int, default=64, help="records per optimizer step")
+    p.add_argument("--max-length", type=int, default=4096)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--warmup-ratio", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--micro-batch-tokens", type=int, default=16384,
+                   help="tokens per forward/backward pass; gradients accumulate to the batch")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype (master weights and optimizer state stay float32)")
+    p.add_argument("--export-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--remat", action="store_true", help="recompute decoder blocks (memory)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard parameters and optimizer state over the data axis")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+
+def _run_train(args, rep: Reporter) -> None:
+    from lark_jax.training.trainer import TrainConfig, train
+
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                      max_length=args.max_length, max_steps=args.max_steps,
+                      warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+                      micro_batch_tokens=args.micro_batch_tokens, save_every=args.save_every,
+                      keep=args.keep, seed=args.seed, dtype=args.dtype, remat=args.remat,
+                      fsdp=args.fsdp, export_dtype=args.export_dtype)
+    cfg.validate()
+
+    with rep.bar(None, "train", unit="step") as advance:
+        def progress(step, total, loss, tok_s):
+            advance(1, loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", total=total)
+
+        s = train(args.student, args.data, args.out, cfg, resume=args.resume, progress=progress)
+    rep.summary(f"trained {s.steps} steps (resumed from {s.resumed_from}); final loss "
+                f"{s.final_loss:.4f}; {s.tokens} tokens in {s.seconds:.1f}s -> {s.final_dir}")
+
+
 COMMANDS = {
     "score": ("score a trajectory pool with a student (LARK learnability)",
               _add_score, _run_score),
     "generate": ("complete prompts with a student (KV-cached, batched)",
                  _add_generate, _run_generate),
+    "train": ("fine-tune a student on a selection (weighted SFT)", _add_train, _run_train),
     "make-tiny": ("write a random tiny HF-style student (for tests and trying things out)",
                   _add_make_tiny, _run_make_tiny),
 }

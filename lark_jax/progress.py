@@ -24,13 +24,15 @@ class Reporter:
 
     @contextlib.contextmanager
     def bar(self, total: int | None, desc: str, unit: str = "it"):
-        """Yields a callback ``advance(n, **postfix)``; a no-op when bars are off."""
+        """Yields a callback ``advance(n, total=None, **postfix)``; a no-op when bars are off."""
         if not self.bars_enabled:
-            yield lambda n=1, **postfix: None
+            yield lambda n=1, total=None, **postfix: None
             return
         with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
                   smoothing=0.1) as t:
-            def advance(n=1, **postfix):
+            def advance(n=1, total=None, **postfix):
+                if total is not None and t.total != total:
+                    t.total = total  # learnt only once the work starts (e.g. steps)
                 if postfix:
                     t.set_postfix(postfix, refresh=False)
                 t.update(n)

@@ -1,0 +1,1 @@
+"""Weighted SFT of the student: data, loss, optimiser, checkpoints, export."""

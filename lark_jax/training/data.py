@@ -1,0 +1,121 @@
+"""Selection JSONL → tokenized, weighted examples → deterministic packed steps.
+
+Each step takes the next ``batch_size`` records of the epoch's seeded
+permutation (the reference's global batch counts trajectories), packs them
+into rows of ``max_length`` tokens with segment ids (positions restart, no
+attention across records), and splits the rows into fixed-shape micro-batches
+for gradient accumulation. Step k of a run is a pure function of (seed, k),
+which is what makes resuming exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from lark_jax.data.chat import Tokenized, tokenize_record
+from lark_jax.data.packing import best_fit_rows, build_batch
+from lark_jax.data.pool import ROLES
+from lark_jax.errors import LarkError
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    tok: Tokenized
+    weight: float
+    line: int
+
+
+def read_selection(path: str | Path, tokenizer, max_length: int) -> tuple[list[Example], int]:
+    """Validate and tokenize a selection file; returns (examples, n_skipped_empty_span)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LarkError("training data not found", where=str(path))
+    examples, skipped = [], 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LarkError(f"not valid UTF-8 (byte {e.start})", where=where) from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise LarkError(f"malformed JSON ({e.msg} at column {e.colno})",
+                                where=where) from None
+            msgs = obj.get("messages") if isinstance(obj, dict) else None
+            if not isinstance(msgs, list) or not msgs:
+                raise LarkError("missing or empty 'messages' list", where=where)
+            for i, m in enumerate(msgs):
+                if (not isinstance(m, dict) or m.get("role") not in ROLES
+                        or not isinstance(m.get("content"), str)):
+                    raise LarkError(f"messages[{i}] must be {{role: system|user|assistant, "
+                                    "content: str}", where=where)
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise LarkError("no assistant message to train on", where=where)
+            meta = obj.get("meta") or {}
+            w = meta.get("train_weight", 1.0) if isinstance(meta, dict) else 1.0
+            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) \
+                    or w < 0:
+                raise LarkError(f"meta.train_weight must be a finite number >= 0, got {w!r}",
+                                where=where)
+            tok = tokenize_record(tokenizer, msgs, max_length, where=where)
+            if tok.n_targets == 0:
+                skipped += 1
+                continue
+            if w > 0:
+                examples.append(Example(tok, float(w), lineno))
+    if not examples:
+        raise LarkError("no trainable records (empty file, all weights 0, or all assistant "
+                        "spans truncated away)", where=str(path))
+    return examples, skipped
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    n_examples: int
+    batch_size: int
+    epochs: int
+    max_steps: int | None
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n_examples / self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        total = self.steps_per_epoch * self.epochs
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def step_indices(self, step: int) -> np.ndarray:
+        """Example indices of global step ``step`` (0-based)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_examples)
+        return perm[k * self.batch_size:(k + 1) * self.batch_size]
+
+
+def step_microbatches(examples: list[Example], idx: np.ndarray, row_len: int, rows: int,
+                      max_segments: int | None = None):
+    """Pack one step's examples; yields dicts of [rows, row_len] arrays (fixed shapes).
+
+    ``max_segments=1`` gives one record per row (no packing).
+    """
+    toks = [examples[i].tok for i in idx]
+    packed = best_fit_rows([len(t.ids) for t in toks], row_len,
+                           max_segments=max_segments or row_len)
+    for s in range(0, len(packed), rows):
+        chunk = packed[s:s + rows]
+        b = build_batch(toks, chunk, rows, row_len)
+        w = b.weights.copy()
+        for r, seg, i in b.slots:  # broadcast the record's weight over its scored tokens
+            w[r][b.segments[r] == seg] *= examples[idx[i]].weight
+        yield {"ids": b.ids, "positions": b.positions, "segments": b.segments,
+               "targets": b.targets, "weights": w}

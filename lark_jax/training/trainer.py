@@ -1,0 +1,317 @@
+"""Weighted SFT: optax AdamW, warm-up + cosine, clipping, accumulation, orbax checkpoints.
+
+One optimizer step = the next ``batch_size`` records of the seeded epoch
+permutation, packed into fixed-shape micro-batches; gradients of Σ w·CE are
+accumulated over micro-batches and divided by the step's Σ w, so the update
+follows exactly ``Σ w·CE / Σ w`` over the step's assistant tokens.
+
+Master weights and optimizer state are float32; with ``dtype="bfloat16"``
+the forward/backward runs on a bfloat16 copy cast inside the differentiated
+function (gradients flow back to float32). Checkpoints hold params, optimizer
+state and the step; the data position is a pure function of (seed, step), so
+``resume`` continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lark_jax.errors import LarkError
+from lark_jax.models.decoder import Decoder
+from lark_jax.models.io import load_student, resolve_dtype, save_student
+from lark_jax.parallel import data_sharding, make_mesh
+from lark_jax.training.data import StepPlan, read_selection, step_microbatches
+from lark_jax.training.loss import weighted_ce_sums
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    lr: float = 1e-5
+    batch_size: int = 64  # records per optimizer step (the reference's global batch)
+    max_length: int = 4096
+    max_steps: int | None = None
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    micro_batch_tokens: int = 16384  # tokens per forward/backward (all devices)
+    save_every: int | None = None
+    keep: int = 3
+    seed: int = 0
+    dtype: str = "float32"
+    remat: bool = False
+    fsdp: bool = False
+    chunk_tokens: int = 1024
+    export_dtype: str = "float32"
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "max_length", "keep", "micro_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise LarkError(f"--{name.replace('_', '-')} must be >= 1")
+        if not self.lr > 0:
+            raise LarkError("--lr must be > 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise LarkError("--max-steps must be >= 1")
+        if self.save_every is not None and self.save_every < 1:
+            raise LarkError("--save-every must be >= 1")
+        resolve_dtype(self.dtype)
+        resolve_dtype(self.export_dtype)
+
+
+@dataclasses.dataclass
+class TrainSummary:
+    steps: int
+    resumed_from: int
+    final_loss: float
+    tokens: int
+    seconds: float
+    final_dir: str
+
+
+def make_schedule(cfg: TrainConfig, total: int):
+    warmup = max(1, round(cfg.warmup_ratio * total)) if total > 1 else 0
+    if warmup == 0:
+        return optax.constant_schedule(cfg.lr)
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total, warmup + 1), 0.0)
+
+
+def make_optimizer(cfg: TrainConfig, total: int):
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(make_schedule(cfg, total), b1=0.9, b2=0.999, eps=1e-8,
+                    weight_decay=cfg.weight_decay))
+
+
+def _fsdp_sharding(mesh, x) -> NamedSharding:
+    """Split the first axis (after a stacked layer axis) that the data axis divides."""
+    n = mesh.shape["data"]
+    for ax in range(1 if x.ndim > 1 else 0, x.ndim):
+        if x.shape[ax] % n == 0 and x.shape[ax] >= n:
+            spec = [None] * x.ndim
+            spec[ax] = "data"
+            return NamedSharding(mesh, P(*spec))
+    return NamedSharding(mesh, P())
+
+
+class Trainer:
+    """Holds the compiled step functions of one run; see ``train`` for the loop."""
+
+    def __init__(self, model: Decoder, cfg: TrainConfig, total_steps: int, mesh):
+        self.cfg = cfg
+        self.mesh = mesh
+        compute = resolve_dtype(cfg.dtype)
+        graphdef, params = nnx.split(model)
+        self.graphdef = graphdef
+        self.graphdef_c, _ = nnx.split(nnx.eval_shape(
+            lambda: Decoder(model.cfg, dtype=compute, remat=cfg.remat,
+                            attn_impl=model.attn_impl)))
+        if cfg.fsdp:
+            params = jax.tree.map(lambda x: jax.device_put(x, _fsdp_sharding(mesh, x)), params)
+        self.params = params
+        self.tx = make_optimizer(cfg, total_steps)
+        self.schedule = make_schedule(cfg, total_steps)
+        # Scalars such as Adam's count are created on the default device: put every
+        # leaf on the mesh so that the jitted update sees one set of devices.
+        self.opt_state = jax.tree.map(
+            lambda x: x if getattr(x.sharding, "mesh", None) == mesh
+            else jax.device_put(x, NamedSharding(mesh, P())), self.tx.init(params))
+        shard = jax.tree.map(lambda x: x.sharding, (self.params, self.opt_state))
+        gdc, chunk = self.graphdef_c, cfg.chunk_tokens
+
+        def loss_sums(p, batch):
+            p = jax.tree.map(lambda x: x.astype(compute), p)
+            return weighted_ce_sums(nnx.merge(gdc, p), chunk_tokens=chunk, **batch)
+
+        def accumulate(acc, p, batch):
+            (s, w), g = jax.value_and_grad(lambda q: loss_sums(q, batch), has_aux=True)(p)
+            return jax.tree.map(jnp.add, acc[0], g), acc[1] + s, acc[2] + w
+
+        def apply(p, opt_state, acc):
+            g_sum, s, w = acc
+            g = jax.tree.map(lambda x: x / w, g_sum)
+            gnorm = optax.tree.norm(g)
+            updates, opt_state = self.tx.update(g, opt_state, p)
+            return optax.apply_updates(p, updates), opt_state, s / w, gnorm
+
+        self._accumulate = jax.jit(accumulate, donate_argnums=(0,))
+        self._apply = jax.jit(apply, donate_argnums=(0, 1), out_shardings=(*shard, None, None))
+        self._loss = jax.jit(loss_sums)
+
+    def zero_acc(self):
+        zeros = jax.tree.map(jnp.zeros_like, self.params)
+        return zeros, jnp.float32(0), jnp.float32(0)
+
+    def place(self, batch: dict) -> dict:
+        return {k: jax.device_put(v, data_sharding(self.mesh, 2)) for k, v in batch.items()}
+
+    def step(self, microbatches) -> tuple[float, float, int]:
+        acc = self.zero_acc()
+        tokens = 0
+        for mb in microbatches:
+            tokens += int((mb["segments"] >= 0).sum())
+            acc = self._accumulate(acc, self.params, self.place(mb))
+        self.params, self.opt_state, loss, gnorm = self._apply(self.params, self.opt_state, acc)
+        return float(loss), float(gnorm), tokens
+
+    def loss_of(self, batch: dict) -> float:
+        s, w = self._loss(self.params, self.place(batch))
+        return float(s / w)
+
+    def model(self) -> Decoder:
+        return nnx.merge(self.graphdef, self.params)
+
+
+def _row_length(examples, max_length: int) -> int:
+    longest = max(len(e.tok.ids) for e in examples)
+    return min(max(64, 1 << (longest - 1).bit_length()), max(64, max_length))
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
+          cfg: TrainConfig = TrainConfig(), *, resume: bool = False, mesh=None,
+          progress: Callable[..., None] | None = None) -> TrainSummary:
+    """Fine-tune the student on a selection file; writes checkpoints, metrics, plot, final/.
+
+    ``progress(step, total, loss=..., tok_s=...)`` is called after every step.
+    """
+    import orbax.checkpoint as ocp
+
+    cfg.validate()
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    ckpt_dir = (out_dir / "checkpoints").absolute()
+    if out_dir.is_symlink():
+        raise LarkError("refusing to write through a symbolic link", where=str(out_dir))
+    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not resume:
+        raise LarkError("run directory already has checkpoints; pass --resume to continue or "
+                        "choose a new --out", where=str(out_dir))
+    mesh = mesh if mesh is not None else make_mesh()
+    student = load_student(student_dir, "float32", mesh=mesh, remat=cfg.remat)
+    examples, n_skipped = read_selection(data, student.tokenizer, cfg.max_length)
+    plan = StepPlan(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.seed)
+    total = plan.total_steps
+    row_len = _row_length(examples, cfg.max_length)
+    n_data = mesh.shape["data"]
+    rows = max(n_data, (cfg.micro_batch_tokens // row_len) // n_data * n_data)
+    trainer = Trainer(student.model, cfg, total, mesh)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_config = {"student": str(student_dir), "data": str(data), "config": dataclasses.asdict(cfg),
+                  "n_examples": len(examples), "n_skipped": n_skipped, "total_steps": total,
+                  "steps_per_epoch": plan.steps_per_epoch, "row_length": row_len,
+                  "rows_per_microbatch": rows, "devices": int(mesh.devices.size)}
+    _atomic_text(out_dir / "run_config.json", json.dumps(run_config, indent=2) + "\n")
+
+    mgr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep, enable_async_checkpointing=True))
+    start = 0
+    metrics_path = out_dir / "metrics.jsonl"
+    if resume and mgr.latest_step() is not None:
+        start = int(mgr.latest_step())
+        tree = {"params": trainer.params, "opt_state": trainer.opt_state,
+                "step": jnp.int32(0)}
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+        restored = mgr.restore(start, args=ocp.args.StandardRestore(abstract))
+        trainer.params, trainer.opt_state = restored["params"], restored["opt_state"]
+        if metrics_path.exists():  # drop metrics of steps after the checkpoint
+            kept = [ln for ln in metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] <= start]
+            _atomic_text(metrics_path, "".join(ln + "\n" for ln in kept))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    def save(step: int) -> None:
+        mgr.save(step, args=ocp.args.StandardSave(
+            {"params": trainer.params, "opt_state": trainer.opt_state, "step": jnp.int32(step)}))
+
+    loss = math.nan
+    tokens_total = 0
+    try:
+        with open(metrics_path, "a", encoding="utf-8") as mf:
+            for step in range(start, total):
+                ts = time.perf_counter()
+                mbs = step_microbatches(examples, plan.step_indices(step), row_len, rows)
+                loss, gnorm, tokens = trainer.step(mbs)
+                dt = time.perf_counter() - ts
+                tokens_total += tokens
+                rec = {"step": step + 1, "epoch": step // plan.steps_per_epoch + 1,
+                       "loss": loss, "lr": float(trainer.schedule(step)), "grad_norm": gnorm,
+                       "tokens": tokens, "tokens_per_s": tokens / dt if dt > 0 else 0.0}
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
+                if not math.isfinite(loss):
+                    raise LarkError(f"loss became {loss} at step {step + 1}")
+                if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                    save(step + 1)
+                if progress is not None:
+                    progress(step + 1, total, loss=loss, tok_s=rec["tokens_per_s"])
+        if mgr.latest_step() != total:
+            save(total)
+        mgr.wait_until_finished()
+    finally:
+        mgr.wait_until_finished()
+        mgr.close()
+    final = save_student(trainer.model(), out_dir / "final", student.tokenizer,
+                         dtype=resolve_dtype(cfg.export_dtype), overwrite=True)
+    plot_loss(metrics_path, out_dir / "loss.png")
+    return TrainSummary(total, start, loss, tokens_total, time.perf_counter() - t0, str(final))
+
+
+def plot_loss(metrics_paths, out_png: Path, labels=None) -> None:
+    """One chart of loss vs step for one or several metrics.jsonl files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if isinstance(metrics_paths, str | Path):
+        metrics_paths = [metrics_paths]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, p in enumerate(metrics_paths):
+        recs = [json.loads(ln) for ln in Path(p).read_text().splitlines() if ln.strip()]
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs],
+                label=labels[i] if labels else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("weighted SFT loss")
+    if labels:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+def eval_loss(student, examples, row_len: int, chunk_tokens: int = 1024) -> float:
+    """Σ w·CE / Σ w of the student over examples (no update); used by tests and the demo."""
+    num = den = 0.0
+    graphdef, params = nnx.split(student.model)
+    fn = jax.jit(lambda p, b: weighted_ce_sums(nnx.merge(graphdef, p), chunk_tokens=chunk_tokens,
+                                               **b))
+    idx = np.arange(len(examples))
+    for mb in step_microbatches(examples, idx, row_len, student.mesh.shape["data"]):
+        s, w = fn(params, {k: jax.device_put(v, data_sharding(student.mesh, 2))
+                           for k, v in mb.items()})
+        num += float(s)
+        den += float(w)
+    return num / den
