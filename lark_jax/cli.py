@@ -193,12 +193,24 @@ def _run_train(args, rep: Reporter) -> None:
                 f"{s.final_loss:.4f}; {s.tokens} tokens in {s.seconds:.1f}s -> {s.final_dir}")
 
 
+def _lazy(module: str, attr: str):
+    """Defer importing a command's module (and JAX) until the command runs."""
+    def call(*a):
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)(*a)
+    return call
+
+
 COMMANDS = {
     "score": ("score a trajectory pool with a student (LARK learnability)",
               _add_score, _run_score),
     "generate": ("complete prompts with a student (KV-cached, batched)",
                  _add_generate, _run_generate),
     "train": ("fine-tune a student on a selection (weighted SFT)", _add_train, _run_train),
+    "eval": ("evaluate a model on a benchmark (ACC@k, pass@k) or tabulate eval runs",
+             _lazy("lark_jax.evaluation.command", "add_arguments"),
+             _lazy("lark_jax.evaluation.command", "run")),
     "make-tiny": ("write a random tiny HF-style student (for tests and trying things out)",
                   _add_make_tiny, _run_make_tiny),
 }
