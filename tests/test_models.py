@@ -183,3 +183,15 @@ def test_bfloat16_load_is_close(hf_students):
     theirs = torch_logits(ref, ids)
     assert np.isfinite(ours).all()
     assert np.abs(ours - theirs).max() < 0.1 * np.abs(theirs).max()
+
+
+def test_sequence_chunked_mlp_matches(hf_students, monkeypatch):
+    import lark_jax.models.decoder as dec
+
+    d, ref = hf_students["qwen3_qknorm_headdim"]
+    m = lark_jax.load_student(d, mesh=make_mesh(devices=jax.devices()[:1])).model
+    monkeypatch.setattr(dec, "MLP_CHUNK_TOKENS", 16)
+    assert dec._mlp_chunk(2, 64) == 8
+    ids = np.random.RandomState(8).randint(0, 200, (2, 64))
+    ours = np.asarray(m(jnp.asarray(ids, jnp.int32)))
+    assert np.abs(ours - torch_logits(ref, ids)).max() <= 1e-4

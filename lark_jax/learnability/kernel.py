@@ -8,9 +8,10 @@ For token t with logits z (float32) and target y, π = softmax(z):
                     p_y = 0 when y is not among the top K          (the reference's default)
     rank_t        = min(1 + #{v : z_v > z_y}, 100)                 (for RSR)
 
-``score_batch`` runs the student on a packed batch, then scans over sequence
-chunks so that float32 logits exist for only ``chunk`` positions at a time,
-and sums each statistic per (row, segment) with a one-hot contraction.
+``score_batch`` runs the student on a packed batch; then, per device, it moves
+the scored positions to the front and loops over chunks of them, so float32
+logits exist for only ``chunk`` positions at a time and prompt or padding
+positions never reach the head. Statistics are summed per (row, segment).
 """
 
 from __future__ import annotations
@@ -21,25 +22,37 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 RANK_CLIP = 100
 STATS = ("ce", "brier_topk", "brier_full", "rank", "tokens")
 
 
 def token_stats(z, y, top_k: int):
-    """z: logits [..., V]; y: int targets [...] -> (ce, brier_topk, brier_full, rank)."""
+    """z: logits [..., V]; y: int targets [...] -> (ce, brier_topk, brier_full, rank).
+
+    One pass over the vocabulary computes Σ e, Σ e² (e = exp(z - max z)) and
+    #{z_v > z_y} together (a variadic reduction: XLA would otherwise evaluate
+    the exponential once per sum), then ce = log Σe + max - z_y and
+    Σ π² = Σe² / (Σe)².
+    """
     z = z.astype(jnp.float32)
-    lse = jax.nn.logsumexp(z, axis=-1)
     z_y = jnp.take_along_axis(z, y[..., None], axis=-1)[..., 0]
+    m = jax.lax.stop_gradient(z.max(-1))
+    e = jnp.exp(z - m[..., None])
+    gt = (z > z_y[..., None]).astype(jnp.float32)
+    axis = z.ndim - 1
+    s1, s2, n_gt = lax.reduce((e, e * e, gt), (0.0, 0.0, 0.0),
+                              lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]), (axis,))
+    lse = m + jnp.log(s1)
     ce = lse - z_y
-    logp = z - lse[..., None]
     p_y = jnp.exp(-ce)
-    brier_full = 1.0 - 2.0 * p_y + jnp.exp(2.0 * logp).sum(-1)
+    brier_full = 1.0 - 2.0 * p_y + s2 / (s1 * s1)
     top_v, top_i = lax.top_k(z, top_k)
     p = jax.nn.softmax(top_v, axis=-1)
     p_true = jnp.where(top_i == y[..., None], p, 0.0).sum(-1)
     brier_topk = 1.0 - 2.0 * p_true + (p * p).sum(-1)
-    rank = jnp.minimum(1 + (z > z_y[..., None]).sum(-1), RANK_CLIP).astype(jnp.float32)
+    rank = jnp.minimum(1.0 + n_gt, float(RANK_CLIP))
     return ce, brier_topk, brier_full, rank
 
 
@@ -51,35 +64,58 @@ def _chunk_size(batch: int, length: int, chunk_tokens: int) -> int:
     return c
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "top_k", "max_segments", "chunk_tokens"))
+def _head_stats_local(hidden, targets, weights, segments, w_head, *, top_k, max_segments,
+                      chunk_tokens):
+    """Per-device body: compact scored positions to the front, then loop over chunks.
+
+    Only ceil(#scored / chunk) chunks run, so prompt tokens and row padding never
+    reach the [chunk, V] head matmul or the vocabulary reductions.
+    """
+    b, length, d = hidden.shape
+    n = b * length
+    c = min(chunk_tokens, n)
+    c = 1 << (c.bit_length() - 1)
+    while n % c:
+        c //= 2
+    w = weights.reshape(n)
+    order = jnp.argsort(w <= 0, stable=True)
+    count = (w > 0).sum()
+    h = hidden.reshape(n, d)[order]
+    y = targets.reshape(n)[order]
+    w = w[order]
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, length))
+    slot = jnp.where(segments >= 0, rows * max_segments + segments, 0).reshape(n)[order]
+
+    def body(i, acc):
+        hs = lax.dynamic_slice_in_dim(h, i * c, c)
+        ys, ws, ss = (lax.dynamic_slice_in_dim(x, i * c, c) for x in (y, w, slot))
+        z = jnp.einsum("cd,vd->cv", hs, w_head, preferred_element_type=jnp.float32)
+        stats = jnp.stack([*token_stats(z, ys, top_k), jnp.ones_like(ws)], axis=-1)
+        return acc + jax.ops.segment_sum(stats * ws[:, None], ss, num_segments=b * max_segments)
+
+    acc = lax.fori_loop(0, (count + c - 1) // c, body,
+                        jnp.zeros((b * max_segments, len(STATS)), jnp.float32))
+    return acc.reshape(b, max_segments, len(STATS))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "top_k", "max_segments", "chunk_tokens",
+                                             "mesh"))
 def score_batch(graphdef, state, ids, positions, segments, targets, weights, *, top_k: int,
-                max_segments: int, chunk_tokens: int = 1024):
+                max_segments: int, chunk_tokens: int = 1024, mesh=None):
     """Per-(row, segment) sums of the statistics: float32 [B, max_segments, 5].
 
     The last channel counts scored tokens. Padding (segment -1) and unscored
-    positions (weight 0) contribute nothing.
+    positions (weight 0) contribute nothing. The model runs under the mesh's
+    shardings; the head and statistics run per device (``shard_map`` over
+    "data"), each on its own rows.
     """
     model = nnx.merge(graphdef, state)
     hidden = model.hidden_states(ids, positions, segments)
-    b, length, d = hidden.shape
-    c = _chunk_size(b, length, chunk_tokens)
-    n = length // c
-    w_head = model.head_weight()
-
-    def chunks(x):
-        return jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
-
-    def body(acc, xs):
-        h, y, w, seg = xs
-        z = jnp.einsum("bcd,vd->bcv", h, w_head, preferred_element_type=jnp.float32)
-        stats = jnp.stack([*token_stats(z, y, top_k), jnp.ones_like(w)], axis=-1) * w[..., None]
-        onehot = (seg[..., None] == jnp.arange(max_segments)).astype(jnp.float32)
-        return acc + jnp.einsum("bcs,bck->bsk", onehot, stats,
-                                precision=lax.Precision.HIGHEST), None
-
-    acc0 = jnp.zeros((b, max_segments, len(STATS)), jnp.float32)
-    # Remat keeps the scan from saving per-chunk logits (only matters under autodiff,
-    # but also stops XLA from hoisting the [B, L, V] head matmul out of the loop).
-    acc, _ = lax.scan(jax.checkpoint(body), acc0,
-                      (chunks(hidden), chunks(targets), chunks(weights), chunks(segments)))
-    return acc
+    local = functools.partial(_head_stats_local, top_k=top_k, max_segments=max_segments,
+                              chunk_tokens=chunk_tokens)
+    if mesh is None:
+        return local(hidden, targets, weights, segments, model.head_weight())
+    data = P("data")
+    return jax.shard_map(local, mesh=mesh, in_specs=(data, data, data, data, P()),
+                         out_specs=data, check_vma=False)(
+        hidden, targets, weights, segments, model.head_weight())

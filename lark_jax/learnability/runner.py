@@ -254,5 +254,5 @@ def _run_batch(graphdef, state, batch: PackedBatch, cfg: ScoreConfig, mesh) -> n
     max_seg = 1 << math.ceil(math.log2(max_seg)) if max_seg > 1 else 1
     vocab = graphdef_vocab(graphdef, state)
     out = score_batch(graphdef, state, *arrays, top_k=min(cfg.top_k, vocab), max_segments=max_seg,
-                      chunk_tokens=cfg.chunk_tokens)
+                      chunk_tokens=cfg.chunk_tokens, mesh=mesh)
     return np.asarray(out, np.float64)

@@ -242,9 +242,34 @@ class Decoder(nnx.Module):
         o = attention(q, k, v, impl=self.attn_impl, **ctx)
         x = x + proj(o.reshape(b, t, cfg.q_dim), "o_proj", "o_bias")
         h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
-        mlp = jax.nn.silu(proj(h, "gate_proj", "gate_bias")) * proj(h, "up_proj", "up_bias")
-        x = x + proj(mlp, "down_proj", "down_bias")
+
+        def mlp(h):
+            a = jax.nn.silu(proj(h, "gate_proj", "gate_bias")) * proj(h, "up_proj", "up_bias")
+            return proj(a, "down_proj", "down_bias")
+
+        c = _mlp_chunk(b, t)
+        if c == t:
+            x = x + mlp(h)
+        else:
+            # Long rows: run the MLP over sequence chunks so its [B, T, F] intermediates
+            # (the largest activations) exist for one chunk at a time.
+            hc = jnp.moveaxis(h.reshape(b, t // c, c, -1), 1, 0)
+            x = x + jnp.moveaxis(lax.map(mlp, hc), 0, 1).reshape(x.shape)
         return x, new_kv
+
+
+MLP_CHUNK_TOKENS = 8192
+
+
+def _mlp_chunk(b: int, t: int) -> int:
+    """Largest power-of-two chunk dividing t with b * chunk <= MLP_CHUNK_TOKENS (t if small)."""
+    if b * t <= MLP_CHUNK_TOKENS:
+        return t
+    c = max(1, MLP_CHUNK_TOKENS // b)
+    c = 1 << (c.bit_length() - 1)
+    while t % c:
+        c //= 2
+    return max(c, 1)
 
 
 def param_count(model: Decoder) -> int:

@@ -1,0 +1,124 @@
+"""Scoring throughput: lark-jax vs a PyTorch comparator, same pool, same student, one run.
+
+    python benchmarks/bench_scoring.py [--layers 2] [--n 24] [--lo 256] [--hi 2048]
+
+Prints a table and writes benchmarks/results/scoring_<platform>.json. Throughput is
+assistant (scored) tokens per second, with and without start-up (model load +
+compilation). MFU is model FLOPs per token (2 x matmul params + attention) times
+tokens/s over a float32 matmul rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import common  # noqa: E402
+
+
+def matmul_rate_jax(n=2048, dtype="float32", reps=5) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        f(a).block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def flops_per_token(cfg, mean_ctx: float) -> float:
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    per_layer = d * cfg.q_dim + 2 * d * cfg.kv_dim + cfg.q_dim * d + 3 * d * f
+    attn = 2 * cfg.num_heads * cfg.head_dim * mean_ctx  # QK^T and PV, causal average
+    return 2 * (cfg.num_layers * per_layer + cfg.vocab_size * d) + 2 * cfg.num_layers * attn
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--lo", type=int, default=256)
+    ap.add_argument("--hi", type=int, default=2048)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--row-length", type=int, default=2048)
+    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--work", default=None, help="directory for the model and pool (cached)")
+    args = ap.parse_args(argv)
+
+    import jax
+
+    import lark_jax
+    from lark_jax.learnability.runner import ScoreConfig, score_pool
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="lark-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    student_dir = common.make_student(work / f"qwen05b-{args.layers}l", args.layers)
+    pool = common.make_pool(work / "pool.jsonl", args.n, args.lo, args.hi)
+
+    res = {"machine": common.machine_info(), "args": vars(args)}
+    t0 = time.perf_counter()
+    student = lark_jax.load_student(student_dir, dtype=args.dtype)
+    cfg = ScoreConfig(batch_tokens=args.batch_tokens, row_length=args.row_length)
+    s1 = score_pool(student, pool, work / "scores_jax.json", cfg)
+    cold = time.perf_counter() - t0
+    s2 = score_pool(student, pool, work / "scores_jax2.json", cfg)  # compiled: steady state
+    tokens = s1.tokens
+    ours = {"tokens": tokens, "tok_s_incl_startup": tokens / cold,
+            "tok_s_steady": tokens / s2.seconds, "seconds_cold": cold,
+            "seconds_steady": s2.seconds, "padding_fraction": 1 - s2.tokens / s2.padded_tokens}
+    res["lark_jax"] = ours
+    mean_ctx = s1.padded_tokens / max(1, s1.n_scored) / 2
+    fpt = flops_per_token(student.config, mean_ctx)
+    rate = matmul_rate_jax(dtype=args.dtype)
+    res["matmul_flops_per_s"] = rate
+    res["flops_per_token"] = fpt
+    ours["mfu"] = fpt * ours["tok_s_steady"] / rate
+
+    if not args.skip_torch:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import torch_scorer
+
+        rows, t_incl, t_excl = torch_scorer.score_pool(student_dir, pool)
+        n_tok = sum(r["tokens"] for r in rows.values())
+        theirs = {"tokens": n_tok, "tok_s_incl_startup": n_tok / t_incl,
+                  "tok_s_steady": n_tok / t_excl}
+        theirs["mfu"] = fpt * theirs["tok_s_steady"] / rate
+        res["torch"] = theirs
+        res["speedup_steady"] = ours["tok_s_steady"] / theirs["tok_s_steady"]
+        res["speedup_incl_startup"] = ours["tok_s_incl_startup"] / theirs["tok_s_incl_startup"]
+        got = json.loads((work / "scores_jax2.json").read_text())["scores"]
+        diffs = []
+        for pid, cands in got.items():
+            for c in cands:
+                r = rows[(int(pid), c["candidate_id"])]
+                diffs.append(max(abs(c["L"] - r["L"]) / r["L"],
+                                 abs(c["Brier"] - r["Brier"]) / r["Brier"]))
+        res["max_rel_diff_vs_torch"] = max(diffs)
+
+    plat = jax.devices()[0].platform
+    path = common.save_results(f"scoring_{plat}", res)
+    print(f"{'scorer':10} {'tok/s steady':>14} {'tok/s incl. start':>18} {'MFU':>7}")
+    for name in ("lark_jax", "torch"):
+        if name in res:
+            r = res[name]
+            print(f"{name:10} {r['tok_s_steady']:14,.0f} {r['tok_s_incl_startup']:18,.0f} "
+                  f"{r['mfu']:7.1%}")
+    if "speedup_steady" in res:
+        print(f"speed-up (steady) {res['speedup_steady']:.2f}x, incl. start-up "
+              f"{res['speedup_incl_startup']:.2f}x; max rel. diff vs torch "
+              f"{res['max_rel_diff_vs_torch']:.1e}")
+    print(f"matmul ceiling {rate / 1e9:,.1f} GFLOP/s; {fpt / 1e6:,.0f} MFLOP/token; -> {path}")
+
+
+if __name__ == "__main__":
+    main()
