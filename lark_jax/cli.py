@@ -111,8 +111,9 @@ def _add_score(p):
     p.add_argument("--model-parallel", type=int, default=1,
                    help="split parameters over this many devices (the mesh's model axis)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    p.add_argument("--estimator", default="proxy", choices=["proxy"],
-                   help="proxy = the forward-pass Brier/L of the paper")
+    p.add_argument("--estimator", default="proxy", choices=["proxy", "gradient"],
+                   help="proxy = the forward-pass Brier/L of the paper; gradient = the exact "
+                        "rate ||grad L||^2/L (one backward pass per trajectory)")
 
 
 def _run_score(args, rep: Reporter) -> None:
@@ -122,7 +123,7 @@ def _run_score(args, rep: Reporter) -> None:
 
     cfg = ScoreConfig(top_k=args.top_k, brier=args.brier, max_length=args.max_length,
                       batch_tokens=args.batch_tokens, row_length=args.row_length,
-                      chunk_tokens=args.chunk_tokens)
+                      chunk_tokens=args.chunk_tokens, estimator=args.estimator)
     cfg.validate()
     mesh = make_mesh(model=args.model_parallel)
     rep.info(f"loading {args.student} ({args.dtype}) on {mesh_summary(mesh)}")

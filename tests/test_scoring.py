@@ -211,3 +211,33 @@ def test_blockwise_memory_path_on_long_trajectory(hf_students, tmp_path):
     assert got["tokens"] == len(want) > 2000
     np.testing.assert_allclose([got["L"], got["Brier"]], [want[:, 0].mean(), want[:, 1].mean()],
                                rtol=1e-4)
+
+
+def test_gradient_estimator_matches_torch_autograd(hf_students, tmp_path):
+    d, ref = hf_students["qwen2_bias_tied"]
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=2)
+    s = lark_jax.load_student(d, mesh=make_mesh(devices=jax.devices()[:1]))
+    score_pool(s, pool, tmp_path / "g.json", ScoreConfig(top_k=10, estimator="gradient",
+                                                         row_length=512, batch_tokens=1024))
+    got = json.loads((tmp_path / "g.json").read_text())
+    assert got["estimator"] == "gradient"
+    tok = s.tokenizer
+    for line in open(pool, encoding="utf-8"):
+        rec = json.loads(line)
+        msgs = rec["messages"]
+        full = tok(tok.apply_chat_template(msgs, tokenize=False),
+                   add_special_tokens=False)["input_ids"]
+        prompt = tok(tok.apply_chat_template(msgs[:-1], tokenize=False,
+                                             add_generation_prompt=True),
+                     add_special_tokens=False)["input_ids"]
+        ref.zero_grad()
+        logits = ref(torch.tensor([full])).logits[0]
+        js = torch.arange(len(prompt), len(full))
+        loss = torch.nn.functional.cross_entropy(logits[js - 1], torch.tensor(full)[js])
+        loss.backward()
+        g2 = sum(float((p.grad.double() ** 2).sum()) for p in ref.parameters())
+        c = next(c for c in got["scores"][str(rec["problem_id"])]
+                 if c["candidate_id"] == rec["candidate_id"])
+        assert c["grad_sq"] == pytest.approx(g2, rel=1e-3)
+        assert c["rho"] == pytest.approx(g2 / float(loss.detach()), rel=1e-3)
+        assert c["rho_proxy"] == pytest.approx(c["Brier"] / c["L"], rel=1e-6)

@@ -41,6 +41,7 @@ class ScoreConfig:
     max_segments: int = 32  # trajectories per packed row
     chunk_tokens: int = 1024  # positions whose float32 logits exist at once
     window_tokens: int = 1 << 20  # records tokenized and packed together
+    estimator: str = "proxy"  # "proxy" (Brier/L, the paper) | "gradient" (‖∇θ L‖²/L, exact)
 
     def validate(self) -> None:
         if self.brier not in ("topk", "full"):
@@ -49,6 +50,8 @@ class ScoreConfig:
             raise LarkError("--top-k must be >= 1")
         if self.max_length < 2:
             raise LarkError("--max-length must be >= 2")
+        if self.estimator not in ("proxy", "gradient"):
+            raise LarkError(f"--estimator must be proxy or gradient, got {self.estimator!r}")
         if self.row_length < 16 or self.row_length & (self.row_length - 1):
             raise LarkError("--row-length must be a power of two >= 16")
 
@@ -141,7 +144,9 @@ def _batches(items: list[Tokenized], cfg: ScoreConfig, n_data: int):
     short = [i for i, t in enumerate(items) if len(t.ids) <= cfg.row_length]
     long_ = [i for i, t in enumerate(items) if len(t.ids) > cfg.row_length]
     rows_per_batch = max(n_data, (cfg.batch_tokens // cfg.row_length) // n_data * n_data)
-    rows = best_fit_rows([len(items[i].ids) for i in short], cfg.row_length, cfg.max_segments)
+    # The gradient estimator needs one trajectory per row (one gradient per row).
+    max_seg = 1 if cfg.estimator == "gradient" else cfg.max_segments
+    rows = best_fit_rows([len(items[i].ids) for i in short], cfg.row_length, max_seg)
     rows = [[short[j] for j in row] for row in rows]
     for s in range(0, len(rows), rows_per_batch):
         yield build_batch(items, rows[s:s + rows_per_batch], rows_per_batch, cfg.row_length)
@@ -170,7 +175,8 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
         raise LarkError("scoring needs the student's tokenizer")
     name = student_name or student.path or "student"
     header = {"lark_jax_sidecar": SIDECAR_VERSION, "student": str(name), "top_k": cfg.top_k,
-              "max_length": cfg.max_length, "pool": str(pool.resolve())}
+              "max_length": cfg.max_length, "pool": str(pool.resolve()),
+              "estimator": cfg.estimator}
     sidecar = Sidecar(out.with_name(out.name + ".partial.jsonl"), header, resume)
     n_resumed = len(sidecar.rows) + len(sidecar.skipped)
     done = sidecar.done_keys()
@@ -189,6 +195,8 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
         recs, toks = [r for r, _ in keep], [t for _, t in keep]
         for batch in _batches(toks, cfg, n_data):
             sums = _run_batch(graphdef, state, batch, cfg, mesh)
+            grads = _run_grad(graphdef, state, batch, cfg, mesh) \
+                if cfg.estimator == "gradient" else None
             rows = []
             for r, s, i in batch.slots:
                 v = sums[r, s]
@@ -197,6 +205,8 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
                        "teacher": rec.teacher}
                 row.update({k: float(x) for k, x in zip(STATS, v, strict=True)})
                 row["tokens"] = int(round(row["tokens"]))
+                if grads is not None:
+                    row["grad_sq"] = float(grads[r])
                 rows.append(row)
             sidecar.append(rows)
             n_tok = sum(r["tokens"] for r in rows)
@@ -223,11 +233,11 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
         if records:
             run_window(records, items)
         rows, skipped = sidecar.rows, sidecar.skipped
-        scores = build_scores(rows, cfg.brier)
+        scores = build_scores(rows, cfg.brier, cfg.estimator)
         problems = {r["problem_id"] for r in rows} | {r["problem_id"] for r in skipped}
         result = {
             "method": "lark_ghat", "student_model": str(name), "top_k": cfg.top_k,
-            "brier": cfg.brier, "max_length": cfg.max_length,
+            "brier": cfg.brier, "estimator": cfg.estimator, "max_length": cfg.max_length,
             "n_problems": len(problems), "n_scored": len(rows), "n_skipped": len(skipped),
             "scores": scores,
         }
@@ -240,6 +250,15 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
     sidecar.close(remove=True)
     return ScoreSummary(len(problems), len(rows), len(skipped), n_resumed, tokens, padded,
                         time.perf_counter() - t0, str(out))
+
+
+def _run_grad(graphdef, state, batch: PackedBatch, cfg: ScoreConfig, mesh) -> np.ndarray:
+    from lark_jax.learnability.gradient import grad_sq_norms
+
+    arrays = [jax.device_put(x, data_sharding(mesh, 2)) for x in
+              (batch.ids, batch.positions, batch.segments, batch.targets, batch.weights)]
+    return np.asarray(grad_sq_norms(graphdef, state, *arrays, chunk_tokens=cfg.chunk_tokens),
+                      np.float64)
 
 
 def graphdef_vocab(graphdef, state) -> int:

@@ -9,6 +9,7 @@ Per problem, with W = Σ_i L_i over its scored candidates:
     ĝ_k = (L_k / W) · (2 ρ_k − Σ_i ρ_i L_i / W)                        (NaN if W <= 1e-12)
 
 Extra fields: RSR = Σ rank / Σ ce (lower is better), mean_rank = Σ rank / T.
+With the gradient estimator, ρ_k = ‖∇_θ L_k‖² / L_k instead (``rho_proxy`` keeps Brier/L).
 """
 
 from __future__ import annotations
@@ -21,23 +22,29 @@ import numpy as np
 EPS = 1e-12
 
 
-def trajectory_stats(row: dict, brier: str = "topk") -> dict:
+def trajectory_stats(row: dict, brier: str = "topk", estimator: str = "proxy") -> dict:
     t = row["tokens"]
     loss = row["ce"] / t
     b_topk, b_full = row["brier_topk"] / t, row["brier_full"] / t
     b = b_topk if brier == "topk" else b_full
-    return {
+    rho_proxy = b / loss if loss > EPS else 0.0
+    out = {
         "candidate_id": row["candidate_id"],
         "teacher": row["teacher"],
         "L": loss,
         "Brier": b,
-        "rho": b / loss if loss > EPS else 0.0,
+        "rho": rho_proxy,
         "tokens": int(t),
         "brier_topk": b_topk,
         "brier_full": b_full,
         "rsr": row["rank"] / row["ce"] if row["ce"] > EPS else math.inf,
         "mean_rank": row["rank"] / t,
     }
+    if estimator == "gradient":
+        out["grad_sq"] = row["grad_sq"]
+        out["rho_proxy"] = rho_proxy
+        out["rho"] = row["grad_sq"] / loss if loss > EPS else 0.0
+    return out
 
 
 def g_hat(losses: np.ndarray, rhos: np.ndarray) -> np.ndarray:
@@ -50,11 +57,12 @@ def g_hat(losses: np.ndarray, rhos: np.ndarray) -> np.ndarray:
     return (losses / w) * (2.0 * rhos - (rhos * losses).sum() / w)
 
 
-def build_scores(rows: list[dict], brier: str = "topk") -> dict[str, list[dict]]:
+def build_scores(rows: list[dict], brier: str = "topk",
+                 estimator: str = "proxy") -> dict[str, list[dict]]:
     """{str(problem_id): [per-candidate dict ...]} sorted by problem then candidate id."""
     by_problem: dict[int, list[dict]] = defaultdict(list)
     for row in rows:
-        by_problem[row["problem_id"]].append(trajectory_stats(row, brier))
+        by_problem[row["problem_id"]].append(trajectory_stats(row, brier, estimator))
     out = {}
     for pid in sorted(by_problem):
         cands = sorted(by_problem[pid], key=lambda r: r["candidate_id"])
