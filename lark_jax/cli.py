@@ -111,6 +111,12 @@ def _add_score(p):
     p.add_argument("--model-parallel", type=int, default=1,
                    help="split parameters over this many devices (the mesh's model axis)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    g = p.add_argument_group("multi-host (TPU pods, several GPU hosts)")
+    g.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() (auto-detects TPU pods / SLURM)")
+    g.add_argument("--coordinator", help="host:port of process 0 (implies --distributed)")
+    g.add_argument("--num-processes", type=int)
+    g.add_argument("--process-id", type=int)
     p.add_argument("--estimator", default="proxy", choices=["proxy", "gradient"],
                    help="proxy = the forward-pass Brier/L of the paper; gradient = the exact "
                         "rate ||grad L||^2/L (one backward pass per trajectory)")
@@ -125,7 +131,17 @@ def _run_score(args, rep: Reporter) -> None:
                       batch_tokens=args.batch_tokens, row_length=args.row_length,
                       chunk_tokens=args.chunk_tokens, estimator=args.estimator)
     cfg.validate()
-    mesh = make_mesh(model=args.model_parallel)
+    devices = None
+    if args.distributed or args.coordinator:
+        import jax
+
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes,
+                                   process_id=args.process_id)
+        devices = jax.local_devices()  # each host scores its own slice of the pool
+        if jax.process_index() != 0:
+            rep = Reporter(quiet=True)
+    mesh = make_mesh(model=args.model_parallel, devices=devices)
     rep.info(f"loading {args.student} ({args.dtype}) on {mesh_summary(mesh)}")
     student = load_student(args.student, dtype=args.dtype, mesh=mesh)
     total = _count_lines(args.pool)

@@ -165,6 +165,13 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
     """Score every trajectory of ``pool`` with ``student`` and write the scores JSON to ``out``.
 
     ``progress(n_records, tokens=...)`` is called after each batch.
+
+    Multi-host (after ``jax.distributed.initialize``): process i of n scores the
+    records whose index in the pool is ≡ i (mod n) on its own devices (load the
+    student on ``make_mesh(devices=jax.local_devices())``), keeps its own
+    sidecar, and process 0 merges every sidecar into ``out``. ``out`` must be on
+    a filesystem all processes share. Rows are independent, so no process
+    waits on another until the final merge.
     """
     cfg.validate()
     t0 = time.perf_counter()
@@ -177,7 +184,13 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
     header = {"lark_jax_sidecar": SIDECAR_VERSION, "student": str(name), "top_k": cfg.top_k,
               "max_length": cfg.max_length, "pool": str(pool.resolve()),
               "estimator": cfg.estimator}
-    sidecar = Sidecar(out.with_name(out.name + ".partial.jsonl"), header, resume)
+    n_proc, proc = jax.process_count(), jax.process_index()
+    if n_proc > 1:
+        header["process"] = f"{proc}-of-{n_proc}"
+        if any(d.process_index != proc for d in np.asarray(student.mesh.devices).flat):
+            raise LarkError("multi-host scoring needs the student on this process's devices: "
+                            "load_student(..., mesh=make_mesh(devices=jax.local_devices()))")
+    sidecar = Sidecar(_sidecar_path(out, proc, n_proc), header, resume)
     n_resumed = len(sidecar.rows) + len(sidecar.skipped)
     done = sidecar.done_keys()
     graphdef, state = nnx.split(student.model)
@@ -219,8 +232,8 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
         records: list[Record] = []
         items: list[Tokenized] = []
         window = 0
-        for rec in iter_pool(pool):
-            if rec.key in done:
+        for index, rec in enumerate(iter_pool(pool)):
+            if index % n_proc != proc or rec.key in done:
                 continue
             t = tokenize_record(student.tokenizer, rec.messages, cfg.max_length,
                                 where=f"{pool}:{rec.line}")
@@ -233,6 +246,14 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
         if records:
             run_window(records, items)
         rows, skipped = sidecar.rows, sidecar.skipped
+        if n_proc > 1:
+            rows, skipped = _gather_sidecars(out, n_proc)
+            if rows is None:  # not process 0: process 0 writes the result
+                sidecar.close()
+                _barrier("lark_jax_score_written")
+                sidecar.path.unlink(missing_ok=True)
+                return ScoreSummary(0, len(sidecar.rows), len(sidecar.skipped), n_resumed,
+                                    tokens, padded, time.perf_counter() - t0, str(out))
         scores = build_scores(rows, cfg.brier, cfg.estimator)
         problems = {r["problem_id"] for r in rows} | {r["problem_id"] for r in skipped}
         result = {
@@ -243,6 +264,8 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
         }
         out.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_json(out, result)
+        if n_proc > 1:
+            _barrier("lark_jax_score_written")
     except BaseException:
         # A run that failed before finishing any row leaves nothing behind.
         sidecar.close(remove=sidecar.created and not (sidecar.rows or sidecar.skipped))
@@ -250,6 +273,32 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
     sidecar.close(remove=True)
     return ScoreSummary(len(problems), len(rows), len(skipped), n_resumed, tokens, padded,
                         time.perf_counter() - t0, str(out))
+
+
+def _sidecar_path(out: Path, proc: int, n_proc: int) -> Path:
+    suffix = ".partial.jsonl" if n_proc == 1 else f".partial.p{proc}-of-{n_proc}.jsonl"
+    return out.with_name(out.name + suffix)
+
+
+def _barrier(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _gather_sidecars(out: Path, n_proc: int):
+    """After a barrier, process 0 reads every process's rows; others get (None, None)."""
+    _barrier("lark_jax_score_rows_done")
+    if jax.process_index() != 0:
+        return None, None
+    rows, skipped = [], []
+    for p in range(n_proc):
+        with open(_sidecar_path(out, p, n_proc), encoding="utf-8") as f:
+            for ln in list(f)[1:]:
+                if ln.strip():
+                    row = json.loads(ln)
+                    (skipped if row.get("skipped") else rows).append(row)
+    return rows, skipped
 
 
 def _run_grad(graphdef, state, batch: PackedBatch, cfg: ScoreConfig, mesh) -> np.ndarray:
