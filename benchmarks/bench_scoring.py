@@ -52,6 +52,10 @@ def main(argv=None):
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--row-length", type=int, default=2048)
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--shape", default="05b", choices=["05b", "15b"],
+                    help="Qwen2.5-0.5B or -1.5B layer shapes (random weights)")
+    ap.add_argument("--torch-device", default="cpu")
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--work", default=None, help="directory for the model and pool (cached)")
     args = ap.parse_args(argv)
 
@@ -62,8 +66,11 @@ def main(argv=None):
 
     work = Path(args.work or tempfile.mkdtemp(prefix="lark-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    student_dir = common.make_student(work / f"qwen05b-{args.layers}l", args.layers)
-    pool = common.make_pool(work / "pool.jsonl", args.n, args.lo, args.hi)
+    shape = common.QWEN05B if args.shape == "05b" else common.QWEN15B
+    student_dir = common.make_student(work / f"qwen{args.shape}-{args.layers}l", args.layers,
+                                      shape)
+    pool = common.make_pool(work / f"pool-{args.n}-{args.lo}-{args.hi}.jsonl", args.n, args.lo,
+                            args.hi)
 
     res = {"machine": common.machine_info(), "args": vars(args)}
     t0 = time.perf_counter()
@@ -88,7 +95,9 @@ def main(argv=None):
         sys.path.insert(0, str(Path(__file__).parent))
         import torch_scorer
 
-        rows, t_incl, t_excl = torch_scorer.score_pool(student_dir, pool)
+        rows, t_incl, t_excl = torch_scorer.score_pool(student_dir, pool,
+                                                       device=args.torch_device,
+                                                       dtype=args.dtype)
         n_tok = sum(r["tokens"] for r in rows.values())
         theirs = {"tokens": n_tok, "tok_s_incl_startup": n_tok / t_incl,
                   "tok_s_steady": n_tok / t_excl}
@@ -106,7 +115,7 @@ def main(argv=None):
         res["max_rel_diff_vs_torch"] = max(diffs)
 
     plat = jax.devices()[0].platform
-    path = common.save_results(f"scoring_{plat}", res)
+    path = common.save_results(f"scoring_{plat}{args.tag}", res)
     print(f"{'scorer':10} {'tok/s steady':>14} {'tok/s incl. start':>18} {'MFU':>7}")
     for name in ("lark_jax", "torch"):
         if name in res:

@@ -22,11 +22,13 @@ def score_record(model, tok, messages, top_k=50, max_length=32768):
     start, end = max(min(len(prompt), len(full)), 1), len(full)
     if end <= start:
         return None
-    ids = torch.tensor([full])
+    ids = torch.tensor([full], device=model.device)
     with torch.inference_mode():
         logits = model(ids).logits[0].float()  # [T, V] float32, the whole sequence
     z = logits[start - 1:end - 1]
     y = ids[0, start:end]
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
     logp = torch.log_softmax(z, dim=-1)
     ce = -logp.gather(1, y[:, None])[:, 0]
     top_v, top_i = torch.topk(z, top_k, dim=-1)
@@ -36,14 +38,16 @@ def score_record(model, tok, messages, top_k=50, max_length=32768):
     return {"tokens": int(end - start), "L": float(ce.mean()), "Brier": float(brier.mean())}
 
 
-def score_pool(model_dir, pool_path, top_k=50, max_length=32768, threads=None):
+def score_pool(model_dir, pool_path, top_k=50, max_length=32768, threads=None, device="cpu",
+               dtype="float32"):
     """Returns ({(pid, cid): stats}, seconds incl. model load, seconds excl. load)."""
     import transformers
 
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype)).to(device)
     model.eval()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     t1 = time.perf_counter()

@@ -1,0 +1,83 @@
+"""SFT throughput and MFU of `lark_jax.training` on the 0.5B-shaped student (fewer layers).
+
+    python benchmarks/bench_training.py [--layers 2] [--steps 4] [--batch-size 8]
+
+Tokens/s counts every non-padding token of the packed rows; model FLOPs per
+token are 3 x the forward FLOPs (forward + backward), over the float32 matmul
+rate measured in the same run. Writes benchmarks/results/training_<platform>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import common  # noqa: E402
+from bench_scoring import flops_per_token, matmul_rate_jax  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--lo", type=int, default=256)
+    ap.add_argument("--hi", type=int, default=1024)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--work", default=None)
+    args = ap.parse_args(argv)
+
+    import jax
+    import numpy as np
+
+    import lark_jax
+    from lark_jax.training.data import StepPlan, read_selection, step_microbatches
+    from lark_jax.training.trainer import TrainConfig, Trainer, _row_length
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="lark-train-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    student_dir = common.make_student(work / f"qwen05b-{args.layers}l", args.layers)
+    pool = common.make_pool(work / "train_pool.jsonl", args.n, args.lo, args.hi, seed=1)
+    sel = work / "train.jsonl"
+    with open(sel, "w") as f:
+        for ln in open(pool):
+            f.write(json.dumps({"messages": json.loads(ln)["messages"],
+                                "meta": {"train_weight": 1.0}}) + "\n")
+    student = lark_jax.load_student(student_dir, "float32", remat=args.remat)
+    cfg = TrainConfig(lr=1e-5, batch_size=args.batch_size, dtype=args.dtype, remat=args.remat)
+    examples, _ = read_selection(sel, student.tokenizer, cfg.max_length)
+    plan = StepPlan(len(examples), cfg.batch_size, 100, None, 0)
+    row_len = _row_length(examples, cfg.max_length)
+    n_data = student.mesh.shape["data"]
+    rows = max(n_data, (cfg.micro_batch_tokens // row_len) // n_data * n_data)
+    trainer = Trainer(student.model, cfg, plan.total_steps, student.mesh)
+    t0 = time.perf_counter()
+    trainer.step(step_microbatches(examples, plan.step_indices(0), row_len, rows))  # compile
+    first = time.perf_counter() - t0
+    tokens, t1 = 0, time.perf_counter()
+    for k in range(1, args.steps + 1):
+        _, _, n = trainer.step(step_microbatches(examples, plan.step_indices(k), row_len, rows))
+        tokens += n
+    dt = time.perf_counter() - t1
+    rate = matmul_rate_jax(dtype=args.dtype)
+    fpt = 3 * flops_per_token(student.config, row_len / 4)
+    res = {"machine": common.machine_info(), "args": vars(args), "row_length": row_len,
+           "rows_per_microbatch": rows, "first_step_seconds_incl_compile": first,
+           "tokens": tokens, "tok_s": tokens / dt, "flops_per_token": fpt,
+           "matmul_flops_per_s": rate, "mfu": fpt * tokens / dt / rate,
+           "devices": len(jax.devices())}
+    path = common.save_results(f"training_{jax.devices()[0].platform}", res)
+    print(f"SFT: {res['tok_s']:,.0f} tok/s, MFU {res['mfu']:.1%} (first step incl. compile "
+          f"{first:.1f}s; {np.round(rate / 1e9, 1)} GFLOP/s ceiling) -> {path}")
+
+
+if __name__ == "__main__":
+    main()
