@@ -1,0 +1,141 @@
+"""``lark-jax select``: scores + pool -> weighted training JSONL (+ manifest)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import time
+
+import numpy as np
+
+from lark_jax import __version__
+from lark_jax.errors import LarkError
+from lark_jax.progress import Reporter
+from lark_jax.selection import POLICIES, SOLVERS, select
+from lark_jax.selection.baselines import needed_fields
+from lark_jax.selection.io import gather_pool, json_number, load_scores, write_selection
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scores", required=True, help="scores JSON written by `lark-jax score`")
+    p.add_argument("--pool", required=True, help="the trajectory pool (JSONL) that was scored")
+    p.add_argument("--out", required=True,
+                   help="training JSONL to write (a manifest goes to OUT.manifest.json)")
+    p.add_argument("--policy", default="lark", choices=POLICIES,
+                   help="lark (chi-square policy on g_hat) or a baseline (default: lark)")
+    p.add_argument("--budget", type=int, default=1,
+                   help="trajectories kept per problem, B (default: 1)")
+    p.add_argument("--global-budget", type=int, default=None, metavar="N",
+                   help="lark only: one chi-square distribution over the whole pool keeping "
+                        "the global top N (train_weight = n_problems * Q)")
+    p.add_argument("--solver", default=None, choices=SOLVERS,
+                   help="lark only: closed-form (the reference, default), exact "
+                        "(sorted threshold) or mirror-descent; without --tau the last two use "
+                        "the budget's implied temperature and reproduce the closed form")
+    p.add_argument("--tau", type=float, default=None,
+                   help="chi-square temperature for --solver exact|mirror-descent (instead "
+                        "of the budget's implied one); keeps the solution's support")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    p.add_argument("--tol", type=float, default=None,
+                   help="mirror descent: KKT residual to stop at (default 1e-10)")
+    p.add_argument("--max-iters", type=int, default=200,
+                   help="mirror descent: step limit per problem (default 200)")
+
+
+def _check(args) -> str:
+    """Validate option combinations; returns the solver to use."""
+    if args.budget < 1:
+        raise LarkError(f"--budget must be >= 1, got {args.budget}")
+    if args.global_budget is not None and args.global_budget < 1:
+        raise LarkError(f"--global-budget must be >= 1, got {args.global_budget}")
+    if args.max_iters < 1:
+        raise LarkError(f"--max-iters must be >= 1, got {args.max_iters}")
+    if args.tol is not None and not args.tol > 0:
+        raise LarkError(f"--tol must be > 0, got {args.tol}")
+    lark_only = [name for name, val in (("--solver", args.solver), ("--tau", args.tau),
+                                        ("--global-budget", args.global_budget))
+                 if val is not None]
+    if args.policy != "lark" and lark_only:
+        raise LarkError(f"{', '.join(lark_only)} only apply to --policy lark")
+    solver = args.solver or "closed-form"
+    if args.tau is not None:
+        if not (math.isfinite(args.tau) and args.tau > 0):
+            raise LarkError(f"--tau must be a positive number, got {args.tau}")
+        if solver == "closed-form":
+            raise LarkError("--tau needs --solver exact or mirror-descent (the closed form "
+                            "takes its temperature from the budget)")
+    return solver
+
+
+def run(args, rep: Reporter) -> None:
+    t0 = time.perf_counter()
+    solver = _check(args)
+    optional = ("tokens",) if args.policy == "lark" else ("tokens", "g_hat")
+    table = load_scores(args.scores, need=needed_fields(args.policy), optional=optional)
+    rep.info(f"{table.n_problems} problems, {table.n_candidates} scored candidates")
+    sel = select(table, args.policy, args.budget, solver=solver, tau=args.tau,
+                 global_budget=args.global_budget, seed=args.seed, tol=args.tol,
+                 max_iters=args.max_iters)
+
+    rows, cols = np.nonzero(sel.chosen)  # row-major: problem order, then candidate id
+    pids = table.problem_ids[rows].tolist()
+    cids = table.candidate_ids[rows, cols].tolist()
+    wanted = set(zip(pids, cids, strict=True))
+    with rep.bar(None, "read pool", unit="rec") as advance:
+        found, unscored = gather_pool(args.pool, table, wanted, progress=advance)
+
+    train_w = sel.weights[rows, cols] * sel.train_scale
+    scores = sel.score[rows, cols]
+    budget = args.global_budget if sel.mode == "global" else args.budget
+
+    def records():
+        for pid, cid, w, s in zip(pids, cids, train_w.tolist(), scores.tolist(), strict=True):
+            teacher, messages = found[(pid, cid)]
+            yield {"messages": list(messages),
+                   "meta": {"problem_id": pid, "candidate_id": cid, "teacher": teacher,
+                            "policy": sel.policy, "budget": budget, "score": json_number(s),
+                            "train_weight": float(w)}}
+
+    tokens = table.fields.get("tokens")
+    selected_tokens = int(np.nansum(np.where(sel.chosen, tokens, 0))) if tokens is not None \
+        else None
+    manifest = {
+        "format": "lark-jax selection manifest v1",
+        "policy": sel.policy,
+        "mode": sel.mode,
+        "budget": args.budget,
+        "global_budget": args.global_budget,
+        "solver": sel.solver,
+        "tau": args.tau if args.tau is not None else ("implied" if sel.policy == "lark"
+                                                      else None),
+        "seed": args.seed,
+        "scores": os.fspath(args.scores),
+        "pool": os.fspath(args.pool),
+        "out": os.fspath(args.out),
+        "n_problems": table.n_problems,
+        "n_problems_empty": table.n_empty,
+        "n_candidates": table.n_candidates,
+        "n_pool_records_unscored": unscored,
+        "n_records": len(pids),
+        "n_problems_selected": int(sel.chosen.any(-1).sum()),
+        "selected_tokens": selected_tokens,
+        "train_weight_scale": sel.train_scale,
+        "train_weight_sum": float(train_w.sum()),
+        "info": sel.info,
+        "lark_jax_version": __version__,
+        "python": platform.python_version(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    write_selection(args.out, records(), manifest)
+    mode = (f"global budget {args.global_budget}" if sel.mode == "global"
+            else f"budget {args.budget}")
+    how = f", {sel.solver}" if sel.policy == "lark" else ""
+    unconverged = sel.info.get("solver", {}).get("unconverged", 0)
+    if unconverged:
+        how += f", {unconverged} problem(s) short of the KKT tolerance: raise --max-iters"
+    rep.summary(f"selected {len(pids)} trajectories of {manifest['n_problems_selected']}/"
+                f"{table.n_problems} problems ({sel.policy}{how}, {mode}) in "
+                f"{time.perf_counter() - t0:.1f}s -> {args.out}")

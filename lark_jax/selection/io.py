@@ -1,0 +1,265 @@
+"""Selection I/O: the scores JSON in, the training JSONL and its manifest out.
+
+Scores (docs/method.md, "Reference data formats")::
+
+    {"method": "lark_ghat", ..., "scores": {"<problem_id>": [{"candidate_id", "teacher", "L",
+     "Brier", "rho", "g_hat", ...}, ...]}}
+
+Numbers may be NaN / Infinity (Python's JSON) or null, both read as NaN. A
+:class:`ScoreTable` holds them as padded ``[N, Kmax]`` arrays: problems in ascending id,
+candidates in ascending candidate id (the order every tie-break relies on).
+
+Output: one JSON line per selected trajectory,
+``{"messages": [...], "meta": {"problem_id", "candidate_id", "teacher", "policy", "budget",
+"score", "train_weight"}}``, and ``OUT.manifest.json`` beside it; both are written to a
+temporary file in the same directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from array import array
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lark_jax.data.pool import iter_pool
+from lark_jax.errors import LarkError
+
+NUMERIC_FIELDS = ("g_hat", "L", "Brier", "rho", "rsr", "tokens", "mean_rank")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(x, field: str, where: str) -> float:
+    if x is None:
+        return math.nan
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        raise LarkError(f"field {field!r} must be a number, got {x!r}", where=where)
+    return float(x)
+
+
+@dataclasses.dataclass
+class ScoreTable:
+    """Per-candidate scores of a pool, padded to ``[N, Kmax]`` (see the module docstring)."""
+
+    problem_ids: np.ndarray  # [N] int64, ascending
+    candidate_ids: np.ndarray  # [N, K] int64, ascending per row, -1 on padding
+    mask: np.ndarray  # [N, K] bool
+    teachers: list[list[str]]  # [N][K_n]
+    fields: dict[str, np.ndarray]  # name -> [N, K] float64, NaN on padding
+    source: str = "scores"
+    n_empty: int = 0  # problems listed with no candidate (left out of the table)
+
+    @property
+    def n_problems(self) -> int:
+        return len(self.problem_ids)
+
+    @property
+    def n_candidates(self) -> int:
+        return int(self.mask.sum())
+
+    def keys(self) -> Iterable[tuple[int, int]]:
+        """Every scored (problem_id, candidate_id)."""
+        for i, pid in enumerate(self.problem_ids.tolist()):
+            for cid in self.candidate_ids[i, self.mask[i]].tolist():
+                yield pid, cid
+
+    @classmethod
+    def from_problems(cls, problems: Mapping, *, need: Sequence[str] = (),
+                      optional: Sequence[str] = ("tokens",), source: str = "scores"
+                      ) -> ScoreTable:
+        """Validate ``{problem_id: [row, ...]}`` (keys int or decimal strings).
+
+        Fields in ``need`` must be present in every row; each field in ``optional`` is kept
+        only if every row has it. Raises :class:`LarkError` naming ``source`` and the problem.
+        """
+        if not isinstance(problems, Mapping):
+            raise LarkError("'scores' must be an object mapping problem ids to lists",
+                            where=source)
+        parsed: list[tuple[int, list[dict]]] = []
+        seen_pids: set[int] = set()
+        n_empty = 0
+        for key, rows in problems.items():
+            try:
+                pid = key if _is_int(key) else int(str(key).strip())
+            except ValueError:
+                raise LarkError(f"problem id {key!r} is not an integer", where=source) from None
+            where = f"{source} (problem {pid})"
+            if pid in seen_pids:
+                raise LarkError("problem listed twice", where=where)
+            seen_pids.add(pid)
+            if not isinstance(rows, list):
+                raise LarkError("expected a list of candidate rows", where=where)
+            if not rows:
+                n_empty += 1
+                continue
+            out = []
+            cids: set[int] = set()
+            for i, row in enumerate(rows):
+                w = f"{where}, row {i}"
+                if not isinstance(row, dict):
+                    raise LarkError("expected a JSON object", where=w)
+                cid = row.get("candidate_id")
+                if not _is_int(cid):
+                    raise LarkError("missing or non-integer 'candidate_id'", where=w)
+                if cid < 0:
+                    raise LarkError(f"negative candidate_id {cid}", where=w)
+                if cid in cids:
+                    raise LarkError(f"duplicate candidate_id {cid}", where=w)
+                cids.add(cid)
+                teacher = row.get("teacher", "")
+                if not isinstance(teacher, str):
+                    raise LarkError(f"field 'teacher' must be a string, got {teacher!r}",
+                                    where=w)
+                vals = {"candidate_id": cid, "teacher": teacher}
+                for f in need:
+                    if f not in row:
+                        raise LarkError(f"missing field {f!r} (needed by this policy)",
+                                        where=w)
+                    vals[f] = _number(row[f], f, w)
+                for f in optional:
+                    if f in row and f not in vals:
+                        vals[f] = _number(row[f], f, w)
+                out.append(vals)
+            out.sort(key=lambda r: r["candidate_id"])
+            parsed.append((pid, out))
+        if not parsed:
+            raise LarkError("no scored candidates", where=source)
+        parsed.sort(key=lambda x: x[0])
+        n, kmax = len(parsed), max(len(rows) for _, rows in parsed)
+        cand = np.full((n, kmax), -1, np.int64)
+        mask = np.zeros((n, kmax), bool)
+        kept = list(need) + [f for f in optional if f not in need and all(
+            f in r for _, rows in parsed for r in rows)]
+        fields = {f: np.full((n, kmax), np.nan) for f in kept}
+        teachers = []
+        for i, (_, rows) in enumerate(parsed):
+            k = len(rows)
+            cand[i, :k] = [r["candidate_id"] for r in rows]
+            mask[i, :k] = True
+            for f in kept:
+                fields[f][i, :k] = [r[f] for r in rows]
+            teachers.append([r["teacher"] for r in rows])
+        pids = np.array([pid for pid, _ in parsed], np.int64)
+        return cls(pids, cand, mask, teachers, fields, source, n_empty)
+
+
+def load_scores(path: str | os.PathLike, *, need: Sequence[str] = (),
+                optional: Sequence[str] = ("tokens",)) -> ScoreTable:
+    """Read and validate a scores JSON file (see :meth:`ScoreTable.from_problems`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LarkError("scores file not found", where=str(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise LarkError(f"malformed JSON ({e.msg} at line {e.lineno} column {e.colno})",
+                        where=str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LarkError(f"cannot read scores ({e})", where=str(path)) from None
+    if not isinstance(obj, dict):
+        raise LarkError(f"expected a JSON object, got {type(obj).__name__}", where=str(path))
+    if "scores" not in obj:
+        raise LarkError("missing field 'scores'", where=str(path))
+    return ScoreTable.from_problems(obj["scores"], need=need, optional=optional,
+                                    source=str(path))
+
+
+def _as_rows(pairs: np.ndarray) -> np.ndarray:
+    """[M, 2] int64 -> [M] opaque 16-byte items, so that np.isin compares whole pairs."""
+    return np.ascontiguousarray(pairs, np.int64).view(np.dtype((np.void, 16))).ravel()
+
+
+def gather_pool(pool: str | os.PathLike, table: ScoreTable, wanted: set[tuple[int, int]],
+                progress: Callable[[int], None] | None = None
+                ) -> tuple[dict[tuple[int, int], tuple[str, tuple[dict, ...]]], int]:
+    """Stream the pool once: ``({key: (teacher, messages)} for wanted keys, n_unscored)``.
+
+    Every scored candidate must be in the pool; otherwise a :class:`LarkError` names the
+    scores file and the first missing (problem, candidate). Pool records that were not scored
+    (e.g. skipped by ``score``) are counted, not selected.
+    """
+    # Keys go into compact int64 buffers, not a set of tuples: a pool can hold millions.
+    pool_pids, pool_cids = array("q"), array("q")
+    found: dict[tuple[int, int], tuple[str, tuple[dict, ...]]] = {}
+    for rec in iter_pool(pool):
+        pool_pids.append(rec.problem_id)
+        pool_cids.append(rec.candidate_id)
+        if rec.key in wanted:
+            found[rec.key] = (rec.teacher, rec.messages)
+        if progress is not None:
+            progress(1)
+    scored = np.stack([np.repeat(table.problem_ids, table.mask.sum(1)),
+                       table.candidate_ids[table.mask]], axis=1)
+    in_pool = np.stack([np.frombuffer(pool_pids, np.int64), np.frombuffer(pool_cids, np.int64)],
+                       axis=1)
+    present = np.isin(_as_rows(scored), _as_rows(in_pool))
+    if not present.all():
+        missing = scored[~present]  # already in (problem, candidate) order
+        pid, cid = missing[0].tolist()
+        raise LarkError(f"{len(missing)} scored candidate(s) are not in the pool {pool} "
+                        f"(first: problem {pid}, candidate {cid}); were these scores made "
+                        f"from another pool?", where=table.source)
+    # iter_pool rejects duplicate keys, so every scored key matches exactly one pool record.
+    return found, len(in_pool) - len(scored)
+
+
+def json_number(x: float) -> float | int | None:
+    """A finite float as itself (integers as int), anything else as null (strict JSON)."""
+    x = float(x)
+    if not math.isfinite(x):
+        return None
+    return int(x) if x.is_integer() and abs(x) < 2 ** 53 else x
+
+
+def _strict(obj):
+    """A copy of ``obj`` with non-finite floats as null, so that it is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def manifest_path(out: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(out)}.manifest.json")
+
+
+def write_selection(out: str | os.PathLike, records: Iterable[dict], manifest: dict) -> Path:
+    """Write the JSONL records and then the manifest, each atomically; returns the manifest."""
+    out = Path(out)
+    if out.is_dir():
+        raise LarkError("output path is a directory", where=str(out))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out, lambda f: f.writelines(
+            json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records))
+        mpath = manifest_path(out)
+        _atomic_write(mpath, lambda f: f.write(json.dumps(_strict(manifest), indent=1,
+                                                          allow_nan=False) + "\n"))
+    except OSError as e:
+        raise LarkError(f"cannot write output ({e})", where=str(out)) from None
+    return mpath
