@@ -73,13 +73,15 @@ def validate_record(obj, where: str) -> tuple[int, int, str, tuple[dict, ...]]:
     return pid, cid, teacher, tuple(out)
 
 
-def iter_pool(path: str | Path, *, check_duplicates: bool = True) -> Iterator[Record]:
-    """Yield validated records; blank lines are skipped, anything malformed is fatal."""
+def iter_jsonl(path: str | Path, what: str = "file") -> Iterator[tuple[str, int, object]]:
+    """Yield (where, line number, decoded value) of each non-blank line.
+
+    Bytes are read raw so that invalid UTF-8 is reported with its line rather
+    than failing the whole read.
+    """
     path = Path(path)
     if not path.is_file():
-        raise LarkError("pool file not found", where=str(path))
-    seen: set[tuple[int, int]] = set()
-    n = 0
+        raise LarkError(f"{what} not found", where=str(path))
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -94,14 +96,22 @@ def iter_pool(path: str | Path, *, check_duplicates: bool = True) -> Iterator[Re
             except json.JSONDecodeError as e:
                 raise LarkError(f"malformed JSON ({e.msg} at column {e.colno})",
                                 where=where) from None
-            pid, cid, teacher, msgs = validate_record(obj, where)
-            if check_duplicates:
-                if (pid, cid) in seen:
-                    raise LarkError(f"duplicate (problem_id, candidate_id) = ({pid}, {cid})",
-                                    where=where)
-                seen.add((pid, cid))
-            n += 1
-            yield Record(pid, cid, teacher, msgs, lineno)
+            yield where, lineno, obj
+
+
+def iter_pool(path: str | Path, *, check_duplicates: bool = True) -> Iterator[Record]:
+    """Yield validated records; blank lines are skipped, anything malformed is fatal."""
+    seen: set[tuple[int, int]] = set()
+    n = 0
+    for where, lineno, obj in iter_jsonl(path, "pool file"):
+        pid, cid, teacher, msgs = validate_record(obj, where)
+        if check_duplicates:
+            if (pid, cid) in seen:
+                raise LarkError(f"duplicate (problem_id, candidate_id) = ({pid}, {cid})",
+                                where=where)
+            seen.add((pid, cid))
+        n += 1
+        yield Record(pid, cid, teacher, msgs, lineno)
     if n == 0:
         raise LarkError("pool is empty (no records)", where=str(path))
 

@@ -11,7 +11,6 @@ which is what makes resuming exact.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 
 from lark_jax.data.chat import Tokenized, tokenize_record
 from lark_jax.data.packing import best_fit_rows, build_batch
-from lark_jax.data.pool import ROLES
+from lark_jax.data.pool import ROLES, iter_jsonl
 from lark_jax.errors import LarkError
 
 
@@ -32,46 +31,30 @@ class Example:
 
 def read_selection(path: str | Path, tokenizer, max_length: int) -> tuple[list[Example], int]:
     """Validate and tokenize a selection file; returns (examples, n_skipped_empty_span)."""
-    path = Path(path)
-    if not path.is_file():
-        raise LarkError("training data not found", where=str(path))
     examples, skipped = [], 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise LarkError(f"not valid UTF-8 (byte {e.start})", where=where) from None
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise LarkError(f"malformed JSON ({e.msg} at column {e.colno})",
-                                where=where) from None
-            msgs = obj.get("messages") if isinstance(obj, dict) else None
-            if not isinstance(msgs, list) or not msgs:
-                raise LarkError("missing or empty 'messages' list", where=where)
-            for i, m in enumerate(msgs):
-                if (not isinstance(m, dict) or m.get("role") not in ROLES
-                        or not isinstance(m.get("content"), str)):
-                    raise LarkError(f"messages[{i}] must be {{role: system|user|assistant, "
-                                    "content: str}", where=where)
-            if not any(m["role"] == "assistant" for m in msgs):
-                raise LarkError("no assistant message to train on", where=where)
-            meta = obj.get("meta") or {}
-            w = meta.get("train_weight", 1.0) if isinstance(meta, dict) else 1.0
-            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) \
-                    or w < 0:
-                raise LarkError(f"meta.train_weight must be a finite number >= 0, got {w!r}",
-                                where=where)
-            tok = tokenize_record(tokenizer, msgs, max_length, where=where)
-            if tok.n_targets == 0:
-                skipped += 1
-                continue
-            if w > 0:
-                examples.append(Example(tok, float(w), lineno))
+    for where, lineno, obj in iter_jsonl(path, "training data"):
+        msgs = obj.get("messages") if isinstance(obj, dict) else None
+        if not isinstance(msgs, list) or not msgs:
+            raise LarkError("missing or empty 'messages' list", where=where)
+        for i, m in enumerate(msgs):
+            if (not isinstance(m, dict) or m.get("role") not in ROLES
+                    or not isinstance(m.get("content"), str)):
+                raise LarkError(f"messages[{i}] must be {{role: system|user|assistant, "
+                                "content: str}", where=where)
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise LarkError("no assistant message to train on", where=where)
+        meta = obj.get("meta") or {}
+        w = meta.get("train_weight", 1.0) if isinstance(meta, dict) else 1.0
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) \
+                or w < 0:
+            raise LarkError(f"meta.train_weight must be a finite number >= 0, got {w!r}",
+                            where=where)
+        tok = tokenize_record(tokenizer, msgs, max_length, where=where)
+        if tok.n_targets == 0:
+            skipped += 1
+            continue
+        if w > 0:
+            examples.append(Example(tok, float(w), lineno))
     if not examples:
         raise LarkError("no trainable records (empty file, all weights 0, or all assistant "
                         "spans truncated away)", where=str(path))
