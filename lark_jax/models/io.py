@@ -123,13 +123,24 @@ def _load_param(spec: ParamSpec, cfg: ModelConfig, tensors, dtype, mesh, model_d
     sharding = param_sharding(mesh, shape, split)
     np_dtype = np.dtype(dtype)
 
+    def one(name: str, index: tuple) -> np.ndarray:
+        # Only the rows this device shard needs are read from disk.
+        first = index[0] if index else slice(None)
+        arr = tensors[name].read(name, first if isinstance(first, slice) else None)
+        arr = arr[(slice(None), *index[1:])] if len(index) > 1 else arr
+        return arr.astype(np_dtype, copy=False)
+
     def read(index) -> np.ndarray:
-        # Called once per device shard: read only that slice from the memory map.
+        # Called once per device shard.
         if not spec.stacked:
-            return np.asarray(tensors[names[0]].get(names[0])[index], dtype=np_dtype)
+            return one(names[0], index)
         layers = range(cfg.num_layers)[index[0]]
-        return np.stack([np.asarray(tensors[names[i]].get(names[i])[index[1:]], dtype=np_dtype)
-                         for i in layers])
+        first = one(names[layers[0]], index[1:])
+        out = np.empty((len(layers), *first.shape), np_dtype)
+        out[0] = first
+        for j, i in enumerate(layers[1:], start=1):
+            out[j] = one(names[i], index[1:])
+        return out
 
     return jax.make_array_from_callback(shape, sharding, read)
 

@@ -61,21 +61,50 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.header[name]["shape"])
 
-    def get(self, name: str) -> np.ndarray:
-        """A read-only memory-mapped view of the tensor (no copy)."""
+    def _check(self, name: str) -> tuple[np.dtype, tuple[int, ...], int, int]:
         info = self.header[name]
         dt = DTYPES.get(info.get("dtype"))
         if dt is None:
             raise LarkError(f"tensor {name!r} has unsupported dtype {info.get('dtype')!r}",
                             where=str(self.path))
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         b, e = info["data_offsets"]
         shape = tuple(info["shape"])
-        if e - b != int(np.prod(shape)) * dt.itemsize or self._start + e > self._mm.size:
+        if e - b != int(np.prod(shape)) * dt.itemsize or \
+                self._start + e > os.path.getsize(self.path):
             raise LarkError(f"tensor {name!r}: byte range does not match its shape",
                             where=str(self.path))
-        return self._mm[self._start + b:self._start + e].view(dt).reshape(shape)
+        return dt, shape, self._start + b, self._start + e
+
+    def get(self, name: str) -> np.ndarray:
+        """A read-only memory-mapped view of the tensor (no copy)."""
+        dt, shape, b, e = self._check(name)
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._mm[b:e].view(dt).reshape(shape)
+
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """Read the tensor (or a range of its first axis) into a fresh array.
+
+        Plain reads rather than a memory map: file pages then stay in the page
+        cache instead of counting towards the process's resident memory, so
+        loading a model peaks at about its size plus one tensor.
+        """
+        dt, shape, b, _ = self._check(name)
+        row_bytes = int(np.prod(shape[1:])) * dt.itemsize if shape else dt.itemsize
+        lo, hi = (0, shape[0] if shape else 1) if rows is None else \
+            rows.indices(shape[0])[:2]
+        out = np.empty((hi - lo, *shape[1:]) if shape else (), dt)
+        nbytes = (hi - lo) * row_bytes
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(b + lo * row_bytes)
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            got = 0
+            while got < nbytes:
+                n = f.readinto(view[got:nbytes])
+                if not n:
+                    raise LarkError(f"tensor {name!r}: file ends early", where=str(self.path))
+                got += n
+        return out
 
 
 def write_file(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict | None = None):
