@@ -32,6 +32,8 @@ if which == "jax":
     import lark_jax
     from lark_jax.learnability.runner import ScoreConfig, score_pool
     s = lark_jax.load_student(model, dtype=dtype)
+    import pathlib
+    pathlib.Path(pool + ".scores.json.partial.jsonl").unlink(missing_ok=True)
     r = score_pool(s, pool, pool + ".scores.json", ScoreConfig(row_length=2048, chunk_tokens=512))
     tokens = r.tokens
 else:

@@ -56,8 +56,14 @@ class ScoreConfig:
             raise LarkError("--row-length must be a power of two >= 16")
 
 
-def _bucket(n: int, row_length: int) -> int:
-    return max(row_length, 1 << (n - 1).bit_length())
+def _bucket(n: int, row_length: int = 16) -> int:
+    """n rounded up to 8 buckets per octave (≤ 12.5 % padding), at least ``row_length``.
+
+    Powers of two would waste up to half of every long row; eight steps per
+    octave keep the number of compiled shapes small (≈ 8 per doubling of length).
+    """
+    step = max(16, 1 << max(0, n.bit_length() - 4))
+    return max(row_length, -(-n // step) * step)
 
 
 def _atomic_write_json(path: Path, obj) -> None:
@@ -149,14 +155,30 @@ def _batches(items: list[Tokenized], cfg: ScoreConfig, n_data: int):
     rows = best_fit_rows([len(items[i].ids) for i in short], cfg.row_length, max_seg)
     rows = [[short[j] for j in row] for row in rows]
     for s in range(0, len(rows), rows_per_batch):
-        yield build_batch(items, rows[s:s + rows_per_batch], rows_per_batch, cfg.row_length)
+        chunk = rows[s:s + rows_per_batch]
+        # A partial batch (the end of a window) shrinks to the next power of two in rows
+        # and in row length: a few more compiled shapes instead of computing empty rows.
+        fill = max(sum(len(items[i].ids) for i in row) for row in chunk)
+        length = min(cfg.row_length, _bucket(fill))
+        n_rows = min(rows_per_batch, _round_up(_pow2(len(chunk)), n_data))
+        yield build_batch(items, chunk, n_rows, length)
     by_len: dict[int, list[int]] = {}
     for i in long_:
-        by_len.setdefault(_bucket(len(items[i].ids), cfg.row_length), []).append(i)
+        by_len.setdefault(_bucket(len(items[i].ids)), []).append(i)
     for length, idx in sorted(by_len.items()):
         per = max(n_data, (cfg.batch_tokens // length) // n_data * n_data)
         for s in range(0, len(idx), per):
-            yield build_batch(items, [[i] for i in idx[s:s + per]], per, length)
+            part = idx[s:s + per]
+            n_rows = min(per, _round_up(_pow2(len(part)), n_data))
+            yield build_batch(items, [[i] for i in part], n_rows, length)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
 
 
 def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = ScoreConfig(),
