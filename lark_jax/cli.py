@@ -231,6 +231,10 @@ COMMANDS = {
     "eval": ("evaluate a model on a benchmark (ACC@k, pass@k) or tabulate eval runs",
              _lazy("lark_jax.evaluation.command", "add_arguments"),
              _lazy("lark_jax.evaluation.command", "run")),
+    "demo": ("run the embedded demo end to end: tiny student, multi-teacher task, "
+             "score -> select -> train -> eval, with the paper's diagnostics",
+             _lazy("lark_jax.demo.command", "add_arguments"),
+             _lazy("lark_jax.demo.command", "run")),
     "make-tiny": ("write a random tiny HF-style student (for tests and trying things out)",
                   _add_make_tiny, _run_make_tiny),
 }

@@ -1,0 +1,67 @@
+"""``lark-jax demo``: the embedded default, end to end (see ``lark_jax.demo.pipeline``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from lark_jax.errors import LarkError
+from lark_jax.progress import Reporter
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="lark-jax-demo",
+                   help="output directory (default: ./lark-jax-demo); a directory from an "
+                        "earlier demo run is overwritten")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="smaller task and student, one seed (about 10 minutes on a 2-core CPU)")
+    size.add_argument("--tiny", action="store_true",
+                      help="smallest configuration: checks the plumbing, measures nothing "
+                           "(also chosen by the environment variable LARK_JAX_DEMO_TINY=1)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds (default: 0,1,2; --quick: 0)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps of every fine-tune (default: the preset's)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the built student is cached (default: $LARK_JAX_CACHE or "
+                        "~/.cache/lark-jax)")
+    p.add_argument("--rebuild-student", action="store_true",
+                   help="build the student again even if a cached one exists")
+
+
+def _seeds(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        seeds = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise LarkError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise LarkError("--seeds is empty")
+    return seeds
+
+
+def run(args, rep: Reporter) -> None:
+    from lark_jax.demo.pipeline import demo_config, run_demo
+
+    tiny = args.tiny or os.environ.get("LARK_JAX_DEMO_TINY") == "1"
+    overrides = {} if args.steps is None else {"steps": args.steps}
+    cfg = demo_config(args.quick, tiny=tiny, seeds=_seeds(args.seeds), **overrides)
+    res = run_demo(args.out, config=cfg, cache_dir=args.cache_dir,
+                   rebuild_student=args.rebuild_student, reporter=rep)
+    r = res.results
+    lark = next(m for m in r["methods"] if m["method"] == "lark")
+    k = r["k"]
+    acc = lark["acc"]["mean"]
+    rep.info("\n" + res.markdown)
+    rep.summary(
+        f"demo ({r['preset']}, {len(cfg.seeds)} seed(s)): LARK ACC@{k} "
+        f"{100 * acc:.1f}%, ref loss {lark['ref_loss']['mean']:.3f}; best ACC@{k}: "
+        f"{r['best']['acc']}, best ref loss: {r['best']['ref_loss']}; teacher Spearman "
+        f"{_r(r['diagnostics']['spearman_teacher_utility'])}; {res.seconds:.0f}s -> "
+        f"{res.out_dir / 'results.md'}")
+
+
+def _r(x) -> str:
+    return "n/a" if x is None else f"{x:+.2f}"

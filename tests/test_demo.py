@@ -1,0 +1,251 @@
+"""The embedded demo: task generator (determinism, answers, wrong rate), student cache, and
+the whole pipeline end to end in its tiny configuration; the notebook headless (slow)."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+from lark_jax import LarkError
+from lark_jax.data.pool import iter_pool
+from lark_jax.demo import METHODS, TEACHERS, TaskConfig, build_task, demo_config, run_demo
+from lark_jax.demo.pipeline import spearman
+from lark_jax.demo.task import SAMPLES, expression
+from lark_jax.evaluation import extract_answer, is_equivalent
+from lark_jax.parallel import make_mesh
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def one_device():
+    return make_mesh(devices=jax.devices()[:1])
+
+
+# -- task -----------------------------------------------------------------------------------
+
+
+def test_task_is_deterministic_by_seed(tmp_path):
+    cfg = TaskConfig(n_pool=40, n_bench=10, n_pretrain=20, seed=3)
+    a = build_task(cfg).write(tmp_path / "a")
+    b = build_task(cfg).write(tmp_path / "b")
+    for name in ("pool", "benchmark", "reference", "pretrain"):
+        assert a[name].read_bytes() == b[name].read_bytes(), name
+    c = build_task(TaskConfig(n_pool=40, n_bench=10, n_pretrain=20, seed=4)).write(tmp_path / "c")
+    assert a["pool"].read_bytes() != c["pool"].read_bytes()
+    # The pool is in the reference format and passes the project's own validation.
+    recs = list(iter_pool(a["pool"]))
+    assert len(recs) == 40 * sum(SAMPLES.values())
+    assert {r.teacher for r in recs} == set(TEACHERS)
+    assert [m["role"] for m in recs[0].messages] == ["user", "assistant"]
+    bench = json.loads(a["benchmark"].read_text())
+    assert all(set(b) == {"problem", "answer", "level"} for b in bench)
+    assert all(2 <= b["level"] <= 4 for b in bench)
+
+
+def test_problems_are_disjoint_and_the_corpus_independent_of_pool_size():
+    t = build_task(TaskConfig(n_pool=50, n_bench=20, n_pretrain=60))
+    pools = {p.statement for p in t.problems["pool"]}
+    bench = {p.statement for p in t.problems["bench"]}
+    pre = {p.statement for p in t.problems["pretrain"]}
+    assert not (pools & bench or pools & pre or bench & pre)
+    other = build_task(TaskConfig(n_pool=10, n_bench=5, n_pretrain=60))
+    assert other.pretrain == t.pretrain  # so the cached student serves any pool size
+
+
+def test_teachers_answer_correctly_except_careless_at_its_rate():
+    rate = 0.3
+    t = build_task(TaskConfig(n_pool=400, n_bench=30, n_pretrain=0, wrong_rate=rate))
+    wrong = total = 0
+    for r in t.pool:
+        gold = r["meta"]["answer"]
+        text = r["messages"][-1]["content"]
+        assert "\\boxed{" in text
+        ok = is_equivalent(extract_answer(text), gold)
+        assert ok == r["meta"]["correct"], (r["teacher"], text, gold)
+        if r["teacher"] == "careless":
+            total += 1
+            wrong += not ok
+        else:
+            assert ok, (r["teacher"], text, gold)
+    assert total == 400 * SAMPLES["careless"]
+    # Binomial(800, 0.3): standard deviation 0.016; allow about 4 of them.
+    assert abs(wrong / total - rate) < 0.065, wrong / total
+    for p, ref in zip(t.problems["bench"], t.reference, strict=True):
+        assert is_equivalent(extract_answer(ref["messages"][-1]["content"]), str(p.answer))
+        # The terse teacher's expression evaluates to the answer (Python precedence agrees).
+        assert eval(expression(p).replace("/", "//")) == p.answer  # noqa: S307
+    for b, p in zip(t.bench, t.problems["bench"], strict=True):
+        assert b["answer"] == str(p.answer) and int(b["answer"]) >= 0
+
+
+def test_wrong_rate_extremes():
+    never = build_task(TaskConfig(n_pool=30, n_bench=2, n_pretrain=0, wrong_rate=0.0))
+    assert all(r["meta"]["correct"] for r in never.pool)
+    always = build_task(TaskConfig(n_pool=30, n_bench=2, n_pretrain=0, wrong_rate=1.0))
+    assert not any(r["meta"]["correct"] for r in always.pool if r["teacher"] == "careless")
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # Ties get average ranks: ranks (0, 1.5, 1.5, 3) and (0, 2, 1, 3).
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert math.isnan(spearman([1, 2], [1, 2]))
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_bad_options_raise_lark_error(tmp_path):
+    with pytest.raises(LarkError, match="wrong_rate"):
+        build_task(TaskConfig(wrong_rate=1.5))
+    with pytest.raises(LarkError, match="seed"):
+        demo_config(tiny=True, seeds=()).validate()
+    with pytest.raises(LarkError, match="unknown method"):
+        demo_config(tiny=True, methods=("lark", "best")).validate()
+    with pytest.raises(LarkError, match="steps"):
+        demo_config(tiny=True, steps=0).validate()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "precious.txt").write_text("keep me")
+    with pytest.raises(LarkError, match="not empty"):
+        run_demo(busy, tiny=True, cache_dir=tmp_path / "cache", mesh=one_device())
+    assert (busy / "precious.txt").read_text() == "keep me"
+
+
+def test_command_options(tmp_path):
+    import argparse
+
+    from lark_jax.demo import command
+    from lark_jax.progress import Reporter
+
+    p = argparse.ArgumentParser(prog="lark-jax demo")
+    command.add_arguments(p)
+    quiet = Reporter(quiet=True)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    with pytest.raises(LarkError, match="not empty"):
+        command.run(p.parse_args(["--tiny", "--out", str(busy)]), quiet)
+    with pytest.raises(LarkError, match="steps"):
+        command.run(p.parse_args(["--tiny", "--steps", "0", "--out", str(tmp_path / "o")]),
+                    quiet)
+    with pytest.raises(LarkError, match="seeds"):
+        command.run(p.parse_args(["--tiny", "--seeds", "1,x"]), quiet)
+    with pytest.raises(LarkError, match="distinct"):
+        command.run(p.parse_args(["--tiny", "--seeds", "1,1", "--out", str(tmp_path / "o")]),
+                    quiet)
+    assert command._seeds("0, 2") == (0, 2)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--quick", "--tiny"])
+
+
+# -- the pipeline ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """One student (and compilation) cache for the module's runs, as a user would have."""
+    return tmp_path_factory.mktemp("demo-cache")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, demo_cache):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    res = run_demo(out, tiny=True, cache_dir=demo_cache, mesh=one_device())
+    return res, demo_cache
+
+
+def test_demo_end_to_end_outputs(demo_run):
+    res, _ = demo_run
+    out = res.out_dir
+    cfg = demo_config(tiny=True)
+    results = json.loads((out / "results.json").read_text())
+    assert results == json.loads(json.dumps(res.results))
+    rows = {r["method"]: r for r in results["methods"]}
+    assert list(rows) == list(METHODS)
+    for m, r in rows.items():
+        for key in ("acc", "pass@1", "ref_loss", "step_acc", "final_train_loss"):
+            v = r[key]["mean"]
+            assert v is not None and math.isfinite(v), (m, key)
+        assert 0 <= r["acc"]["mean"] <= 1 and 0 <= r["step_acc"]["mean"] <= 1
+        assert r["ref_loss"]["mean"] > 0
+        assert sum(r["teacher_mix"].values()) == pytest.approx(1.0)
+        # Same number of optimizer steps for every method.
+        lines = (out / "runs" / f"{m}-s0" / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == cfg.steps
+        assert (out / "runs" / f"{m}-s0" / "final" / "config.json").is_file()
+        assert (out / "evals" / f"{m}-s0" / "summary.json").is_file()
+    # Budget 1: one record per problem, except "all" which keeps every candidate.
+    assert rows["lark"]["n_records"] == cfg.task.n_pool
+    assert rows["all"]["n_records"] == cfg.task.n_pool * 8
+    assert rows["shortest"]["teacher_mix"]["answer_only"] == pytest.approx(1.0)
+    d = results["diagnostics"]
+    for key in ("spearman_teacher_utility", "spearman_traj_rho_rate", "spearman_traj_ghat_rate"):
+        assert d[key] is not None and -1.0 <= d[key] <= 1.0, key
+    assert set(d["per_teacher"]) == set(TEACHERS)
+    assert d["n_trajectories"] == cfg.task.n_pool * 8
+    for name in ("sft_loss", "lark_vs_utility"):
+        png = res.plots[name]
+        assert png.parent == out / "plots" and png.read_bytes()[:8] == PNG
+    md = (out / "results.md").read_text()
+    for m in METHODS:
+        assert f"| {m} |" in md or f"| **{m}** |" in md
+    assert "Spearman" in md and "ACC@2" in md
+
+
+def test_demo_student_is_cached_hf_directory(demo_run):
+    from lark_jax.demo.student import build_student
+    from lark_jax.models import load_student
+
+    res, cache = demo_run
+    st = res.results["student"]
+    path = Path(st["path"])
+    assert path.parent == cache and path.name.startswith("demo-student-")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(path))
+    student = load_student(path, mesh=one_device())  # the ordinary loading path
+    assert student.config.num_params() == st["num_params"]
+    assert student.tokenizer.chat_template
+    cfg = demo_config(tiny=True)
+    task = build_task(cfg.task)
+    again = build_student(cfg.student, task.pretrain, cfg.task.corpus_recipe(),
+                          cache_dir=cache)
+    assert again.cached and again.path == path
+    # Digits are one token each, with a leading space on the first.
+    assert student.tokenizer.tokenize(" 305") == ["Ġ3", "0", "5"]
+
+
+def test_demo_out_dir_is_reusable(demo_run, tmp_path):
+    from lark_jax.demo.pipeline import MARKER, _prepare_out
+
+    res, _ = demo_run
+    assert (res.out_dir / MARKER).is_file()
+    d = tmp_path / "again"
+    d.mkdir()
+    (d / MARKER).write_text("{}")
+    (d / "runs").mkdir()
+    (d / "runs" / "x").write_text("old")
+    _prepare_out(d)
+    assert not (d / "runs").exists()
+
+
+# -- the notebook ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_executes(tmp_path, monkeypatch, demo_cache):
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("ipykernel")
+    monkeypatch.setenv("LARK_JAX_DEMO_TINY", "1")
+    monkeypatch.setenv("LARK_JAX_CACHE", str(demo_cache))
+    nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert (tmp_path / "lark-jax-demo" / "results.md").is_file()
