@@ -187,6 +187,11 @@ def _add_train(p):
     p.add_argument("--remat", action="store_true", help="recompute decoder blocks (memory)")
     p.add_argument("--fsdp", action="store_true",
                    help="shard parameters and optimizer state over the data axis")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train rank-R LoRA factors of every projection (0 = full fine-tuning);"
+                        " merged into the weights at export")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha/R "
+                   "(default alpha = 2R)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
 
@@ -198,7 +203,8 @@ def _run_train(args, rep: Reporter) -> None:
                       warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
                       micro_batch_tokens=args.micro_batch_tokens, save_every=args.save_every,
                       keep=args.keep, seed=args.seed, dtype=args.dtype, remat=args.remat,
-                      fsdp=args.fsdp, export_dtype=args.export_dtype)
+                      fsdp=args.fsdp, export_dtype=args.export_dtype,
+                      lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
     cfg.validate()
 
     with rep.bar(None, "train", unit="step") as advance:

@@ -57,6 +57,8 @@ class TrainConfig:
     fsdp: bool = False
     chunk_tokens: int = 1024
     export_dtype: str = "float32"
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_alpha: float | None = None  # scale = alpha / rank (default alpha = 2 * rank)
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "max_length", "keep", "micro_batch_tokens"):
@@ -66,6 +68,8 @@ class TrainConfig:
             raise LarkError("--lr must be > 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise LarkError("--max-steps must be >= 1")
+        if self.lora_rank < 0:
+            raise LarkError("--lora-rank must be >= 0")
         if self.save_every is not None and self.save_every < 1:
             raise LarkError("--save-every must be >= 1")
         resolve_dtype(self.dtype)
@@ -96,6 +100,37 @@ def make_optimizer(cfg: TrainConfig, total: int):
                     weight_decay=cfg.weight_decay))
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def init_lora(base, rank: int, seed: int) -> dict:
+    """LoRA factors for every stacked projection W [L, out, in]: A [L, r, in], B [L, out, r].
+
+    A ~ N(0, 1/in), B = 0, so training starts exactly at the base model.
+    """
+    key = jax.random.key(seed)
+    out = {}
+    for i, name in enumerate(LORA_TARGETS):
+        w = base["layers"][name]
+        n_layers, d_out, d_in = w.shape
+        a = jax.random.normal(jax.random.fold_in(key, i), (n_layers, rank, d_in), jnp.float32)
+        # Factors are small: replicate them on the base weight's mesh.
+        rep = NamedSharding(w.sharding.mesh, P())
+        out[name] = {"a": jax.device_put(a / np.sqrt(d_in), rep),
+                     "b": jax.device_put(jnp.zeros((n_layers, d_out, rank), jnp.float32), rep)}
+    return out
+
+
+def merge_lora(base, lora: dict, scale: float):
+    """W' = W + scale · B A for every target; everything else is the base state."""
+    merged = jax.tree.map(lambda x: x, base)  # a fresh State: the base is never mutated
+    for name, f in lora.items():
+        w = merged["layers"][name]
+        delta = jnp.einsum("lor,lri->loi", f["b"], f["a"])
+        merged["layers"][name] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+    return merged
+
+
 def _fsdp_sharding(mesh, x) -> NamedSharding:
     """Split the first axis (after a stacked layer axis) that the data axis divides."""
     n = mesh.shape["data"]
@@ -121,6 +156,13 @@ class Trainer:
                             attn_impl=model.attn_impl)))
         if cfg.fsdp:
             params = jax.tree.map(lambda x: jax.device_put(x, _fsdp_sharding(mesh, x)), params)
+        # With LoRA the optimiser sees only the factors; the base weights stay frozen.
+        self.base = params if cfg.lora_rank else None
+        scale = (cfg.lora_alpha or 2.0 * cfg.lora_rank) / max(cfg.lora_rank, 1)
+        self.full = (lambda p: merge_lora(self.base, p, scale)) if cfg.lora_rank else \
+            (lambda p: p)
+        if cfg.lora_rank:
+            params = init_lora(params, cfg.lora_rank, cfg.seed)
         self.params = params
         self.tx = make_optimizer(cfg, total_steps)
         self.schedule = make_schedule(cfg, total_steps)
@@ -132,8 +174,10 @@ class Trainer:
         shard = jax.tree.map(lambda x: x.sharding, (self.params, self.opt_state))
         gdc, chunk = self.graphdef_c, cfg.chunk_tokens
 
+        full = self.full
+
         def loss_sums(p, batch):
-            p = jax.tree.map(lambda x: x.astype(compute), p)
+            p = jax.tree.map(lambda x: x.astype(compute), full(p))
             return weighted_ce_sums(nnx.merge(gdc, p), chunk_tokens=chunk, **batch)
 
         def accumulate(acc, p, batch):
@@ -172,7 +216,8 @@ class Trainer:
         return float(s / w)
 
     def model(self) -> Decoder:
-        return nnx.merge(self.graphdef, self.params)
+        """The trained model (LoRA factors merged into the weights)."""
+        return nnx.merge(self.graphdef, self.full(self.params))
 
 
 def _row_length(examples, max_length: int) -> int:
