@@ -24,6 +24,8 @@ from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from lark_jax.models.decoder import pow2_chunk
+
 RANK_CLIP = 100
 STATS = ("ce", "brier_topk", "brier_full", "rank", "tokens")
 
@@ -56,14 +58,6 @@ def token_stats(z, y, top_k: int):
     return ce, brier_topk, brier_full, rank
 
 
-def _chunk_size(batch: int, length: int, chunk_tokens: int) -> int:
-    c = max(1, chunk_tokens // batch)
-    c = 1 << (c.bit_length() - 1)  # power of two
-    while length % c:
-        c //= 2
-    return c
-
-
 def _head_stats_local(hidden, targets, weights, segments, w_head, *, top_k, max_segments,
                       chunk_tokens):
     """Per-device body: compact scored positions to the front, then loop over chunks.
@@ -73,10 +67,7 @@ def _head_stats_local(hidden, targets, weights, segments, w_head, *, top_k, max_
     """
     b, length, d = hidden.shape
     n = b * length
-    c = min(chunk_tokens, n)
-    c = 1 << (c.bit_length() - 1)
-    while n % c:
-        c //= 2
+    c = pow2_chunk(n, chunk_tokens)
     w = weights.reshape(n)
     order = jnp.argsort(w <= 0, stable=True)
     count = (w > 0).sum()

@@ -93,7 +93,7 @@ class Sidecar:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
                 f.write(json.dumps(header) + "\n")
-        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self._f = open(path, "a", encoding="utf-8")  # closed in close()
 
     def _load(self, header: dict) -> None:
         with open(self.path, "rb") as f:
@@ -218,6 +218,7 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
     graphdef, state = nnx.split(student.model)
     mesh = student.mesh
     n_data = mesh.shape["data"]
+    top_k = min(cfg.top_k, student.config.vocab_size)  # a tiny vocabulary may have fewer than K
     tokens = padded = 0
 
     def run_window(records: list[Record], items: list[Tokenized]) -> None:
@@ -229,8 +230,11 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
         keep = [(r, t) for r, t in zip(records, items, strict=True) if t.n_targets > 0]
         recs, toks = [r for r, _ in keep], [t for _, t in keep]
         for batch in _batches(toks, cfg, n_data):
-            sums = _run_batch(graphdef, state, batch, cfg, mesh)
-            grads = _run_grad(graphdef, state, batch, cfg, mesh) \
+            # Placed on the devices once, used by the proxy kernel and the gradient estimator.
+            arrays = [jax.device_put(x, data_sharding(mesh, 2)) for x in
+                      (batch.ids, batch.positions, batch.segments, batch.targets, batch.weights)]
+            sums = _run_batch(graphdef, state, arrays, batch, cfg, top_k, mesh)
+            grads = _run_grad(graphdef, state, arrays, cfg) \
                 if cfg.estimator == "gradient" else None
             rows = []
             for r, s, i in batch.slots:
@@ -323,26 +327,18 @@ def _gather_sidecars(out: Path, n_proc: int):
     return rows, skipped
 
 
-def _run_grad(graphdef, state, batch: PackedBatch, cfg: ScoreConfig, mesh) -> np.ndarray:
+def _run_grad(graphdef, state, arrays, cfg: ScoreConfig) -> np.ndarray:
     from lark_jax.learnability.gradient import grad_sq_norms
 
-    arrays = [jax.device_put(x, data_sharding(mesh, 2)) for x in
-              (batch.ids, batch.positions, batch.segments, batch.targets, batch.weights)]
     return np.asarray(grad_sq_norms(graphdef, state, *arrays, chunk_tokens=cfg.chunk_tokens),
                       np.float64)
 
 
-def graphdef_vocab(graphdef, state) -> int:
-    return int(state["embed"][...].shape[0])
-
-
-def _run_batch(graphdef, state, batch: PackedBatch, cfg: ScoreConfig, mesh) -> np.ndarray:
-    arrays = [jax.device_put(x, data_sharding(mesh, 2)) for x in
-              (batch.ids, batch.positions, batch.segments, batch.targets, batch.weights)]
+def _run_batch(graphdef, state, arrays, batch: PackedBatch, cfg: ScoreConfig, top_k: int,
+               mesh) -> np.ndarray:
     max_seg = max(1, max(s for _, s, _ in batch.slots) + 1) if batch.slots else 1
     # A few static segment counts (powers of two) keep the number of programs small.
     max_seg = 1 << math.ceil(math.log2(max_seg)) if max_seg > 1 else 1
-    vocab = graphdef_vocab(graphdef, state)
-    out = score_batch(graphdef, state, *arrays, top_k=min(cfg.top_k, vocab), max_segments=max_seg,
+    out = score_batch(graphdef, state, *arrays, top_k=top_k, max_segments=max_seg,
                       chunk_tokens=cfg.chunk_tokens, mesh=mesh)
     return np.asarray(out, np.float64)

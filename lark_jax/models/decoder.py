@@ -185,7 +185,7 @@ class Decoder(nnx.Module):
             segment_ids = jnp.zeros((b, t), jnp.int32)
         x = jnp.take(self.embed[...], input_ids, axis=0)
         cos, sin = rope_cos_sin(cfg, positions, self.dtype)
-        layer_params = {k: v for k, v in nnx.to_pure_dict(nnx.state(self.layers)).items()}
+        layer_params = nnx.to_pure_dict(nnx.state(self.layers))
 
         if cache is None:
             q_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -261,15 +261,17 @@ class Decoder(nnx.Module):
 MLP_CHUNK_TOKENS = 8192
 
 
+def pow2_chunk(n: int, cap: int) -> int:
+    """The largest power of two that divides n and is at most max(cap, 1)."""
+    c = 1 << (max(cap, 1).bit_length() - 1)
+    while n % c:
+        c //= 2
+    return c
+
+
 def _mlp_chunk(b: int, t: int) -> int:
     """Largest power-of-two chunk dividing t with b * chunk <= MLP_CHUNK_TOKENS (t if small)."""
-    if b * t <= MLP_CHUNK_TOKENS:
-        return t
-    c = max(1, MLP_CHUNK_TOKENS // b)
-    c = 1 << (c.bit_length() - 1)
-    while t % c:
-        c //= 2
-    return max(c, 1)
+    return t if b * t <= MLP_CHUNK_TOKENS else pow2_chunk(t, MLP_CHUNK_TOKENS // b)
 
 
 def param_count(model: Decoder) -> int:

@@ -14,14 +14,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lark_jax.learnability.kernel import _chunk_size
+from lark_jax.models.decoder import pow2_chunk
 
 
 def weighted_ce_sums(model, ids, positions, segments, targets, weights, chunk_tokens=1024):
     """Returns (Σ w·CE, Σ w) as float32 scalars for one packed batch."""
     hidden = model.hidden_states(ids, positions, segments)
     b, length, _ = hidden.shape
-    c = _chunk_size(b, length, chunk_tokens)
+    c = pow2_chunk(length, chunk_tokens // b)
     n = length // c
     w_head = model.head_weight()
 

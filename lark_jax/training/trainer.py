@@ -346,17 +346,3 @@ def plot_loss(metrics_paths, out_png: Path, labels=None) -> None:
     plt.close(fig)
     os.replace(tmp, out_png)
 
-
-def eval_loss(student, examples, row_len: int, chunk_tokens: int = 1024) -> float:
-    """Σ w·CE / Σ w of the student over examples (no update); used by tests and the demo."""
-    num = den = 0.0
-    graphdef, params = nnx.split(student.model)
-    fn = jax.jit(lambda p, b: weighted_ce_sums(nnx.merge(graphdef, p), chunk_tokens=chunk_tokens,
-                                               **b))
-    idx = np.arange(len(examples))
-    for mb in step_microbatches(examples, idx, row_len, student.mesh.shape["data"]):
-        s, w = fn(params, {k: jax.device_put(v, data_sharding(student.mesh, 2))
-                           for k, v in mb.items()})
-        num += float(s)
-        den += float(w)
-    return num / den
