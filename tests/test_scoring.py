@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import lark_jax
 from lark_jax import LarkError
-from lark_jax.learnability.kernel import token_stats
+from lark_jax.learnability.kernel import blocked_top_k, token_stats
 from lark_jax.learnability.runner import ScoreConfig, score_pool
 from lark_jax.learnability.scores import g_hat
 from lark_jax.parallel import make_mesh
@@ -52,6 +52,36 @@ def test_token_stats_match_float64_oracle():
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     assert (want[:, 3] == 100).any() and (want[:, 3] == 1).any()  # rank clip exercised
     assert (got[16:, 1] > 0.99).any()  # target outside the top K: p_true = 0
+
+
+def test_token_stats_on_a_large_vocabulary_use_the_blocked_top_k():
+    """V = 20,001 (not a multiple of the block): the two-stage top-K path, same oracle."""
+    rng = np.random.RandomState(1)
+    v, n, k = 20001, 12, 50
+    z = (rng.randn(n, v) * 2).astype(np.float32)
+    z[0, :300] += 9.0  # the top K crowded into a few blocks
+    z[1, -1] = 50.0  # the last, padded block holds the maximum
+    y = rng.randint(0, v, n)
+    y[:4] = np.argsort(-z[:4], axis=1)[:, 10]
+    y[4] = np.argsort(-z[4])[49]
+    got = np.stack([np.asarray(a) for a in token_stats(jnp.asarray(z), jnp.asarray(y), k)], -1)
+    np.testing.assert_allclose(got, np_token_stats(z, y, k), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("v,k,block", [(1000, 5, 16), (999, 7, 8), (4096, 3, 64)])
+def test_blocked_top_k_equals_lax_top_k(v, k, block):
+    rng = np.random.RandomState(v)
+    z = rng.randn(6, v).astype(np.float32)
+    z[1] = np.round(z[1])  # many exact ties
+    z[2, : v // 2] = -np.inf
+    z[3, 5 * block: 6 * block] += 100.0  # all of the top k in one block
+    vals, idx = blocked_top_k(jnp.asarray(z), k, block)
+    want_v, want_i = jax.lax.top_k(jnp.asarray(z), k)
+    np.testing.assert_array_equal(np.asarray(vals), np.asarray(want_v))
+    np.testing.assert_array_equal(np.take_along_axis(z, np.asarray(idx), 1), np.asarray(vals))
+    assert all(len(set(r)) == k for r in np.asarray(idx).tolist())  # k distinct tokens
+    no_ties = [0, 2, 3, 4, 5]
+    np.testing.assert_array_equal(np.asarray(idx)[no_ties], np.asarray(want_i)[no_ties])
 
 
 @settings(max_examples=30, deadline=None)

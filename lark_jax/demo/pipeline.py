@@ -48,6 +48,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from lark_jax import fsio
 from lark_jax.demo.student import StudentRecipe, build_student, cache_root
 from lark_jax.demo.task import TEACHERS, TaskConfig, build_task
 from lark_jax.errors import LarkError
@@ -188,9 +189,7 @@ def _mean_std(values) -> tuple[float, float]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    fsio.atomic_write(path, text)
 
 
 def _write_jsonl(path: Path, rows) -> None:
@@ -634,10 +633,9 @@ def _plots(cfg, out: Path, runs, diag) -> dict[str, Path]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     util_png = plots_dir / "lark_vs_utility.png"
-    tmp = util_png.with_name(f".{util_png.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    with fsio.atomic_file(util_png, binary=True) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, util_png)
     return {"sft_loss": loss_png, "lark_vs_utility": util_png}
 
 

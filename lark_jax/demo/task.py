@@ -41,6 +41,7 @@ import random
 from collections.abc import Iterable
 from pathlib import Path
 
+from lark_jax import fsio
 from lark_jax.errors import LarkError
 
 TASK_VERSION = "arith-v1"
@@ -374,9 +375,7 @@ class Task:
             "task": (d / "task.json", json.dumps(self.cfg.recipe(), indent=1) + "\n"),
         }
         for path, text in files.values():
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
+            fsio.atomic_write(path, text)
         return {k: v[0] for k, v in files.items()}
 
 

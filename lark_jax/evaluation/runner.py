@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lark_jax import fsio
 from lark_jax.errors import LarkError
 from lark_jax.evaluation.answers import extract_answer, is_equivalent
 from lark_jax.evaluation.bench import DEFAULT_SYSTEM_PROMPT, Benchmark, chat_prompts
@@ -98,25 +99,11 @@ def group_seed(seed: int, group: int) -> int:
     return int(state) & 0x7FFFFFFF
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_generations(path: Path, n_problems: int, k: int) -> dict[tuple[int, int], str]:
     """Rows of an earlier run; a torn final line (crash mid-write) is cut off the file."""
-    with open(path, "rb") as f:
-        data = f.read()
-    keep = data.rfind(b"\n") + 1
-    if keep != len(data):  # appends must start on a fresh line
-        with open(path, "r+b") as f:
-            f.truncate(keep)
+    data = fsio.complete_lines(path)  # appends must start on a fresh line
     done: dict[tuple[int, int], str] = {}
-    for lineno, line in enumerate(data[:keep].split(b"\n")[:-1], start=1):
+    for lineno, line in enumerate(data.split(b"\n")[:-1], start=1):
         if not line.strip():
             continue
         try:
@@ -173,11 +160,10 @@ def run_eval(student, bench: Benchmark, out_dir: str | os.PathLike,
 
     cfg.validate()
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise LarkError("not a directory", where=str(out))
-    out.mkdir(parents=True, exist_ok=True)
+    out = fsio.make_dir(out_dir)
     gen_path, run_path = out / GENERATIONS, out / RUN
+    for p in (gen_path, run_path, out / ANSWERS, out / SUMMARY):
+        fsio.refuse_link(p)
     settings = _settings(student, bench, cfg, model_name)
     earlier = [p.name for p in (gen_path, run_path, out / SUMMARY) if p.exists()]
     if earlier and not resume:
@@ -188,7 +174,7 @@ def run_eval(student, bench: Benchmark, out_dir: str | os.PathLike,
     elif gen_path.exists():
         raise LarkError(f"{GENERATIONS} without {RUN}: cannot tell how it was made; delete it "
                         "to start over", where=str(out))
-    _atomic_write(run_path, json.dumps(settings, indent=1) + "\n")
+    fsio.atomic_write(run_path, json.dumps(settings, indent=1) + "\n")
 
     k = cfg.samples
     n = len(bench.problems)
@@ -199,7 +185,7 @@ def run_eval(student, bench: Benchmark, out_dir: str | os.PathLike,
     prompts = chat_prompts(student.tokenizer, bench.problems, cfg.system_prompt)
     n_data = student.mesh.shape["data"]
     n_generated = 0
-    with open(gen_path, "a", encoding="utf-8") as f:
+    with fsio.open_append(gen_path) as f:
         for g, group in enumerate(problem_groups(n, cfg)):
             rows = [(i, s) for i in group for s in range(k)]
             missing = [r for r in rows if r not in done]
@@ -237,13 +223,13 @@ def run_eval(student, bench: Benchmark, out_dir: str | os.PathLike,
                 rec["level"] = p.level
             lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
         correct.append(row)
-    _atomic_write(out / ANSWERS, "".join(lines))
+    fsio.atomic_write(out / ANSWERS, "".join(lines))
     summary = {"model": settings["model"], "benchmark": bench.name,
                **summarize(correct, [p.level for p in bench.problems]),
                "no_answer_samples": n_empty,
                "settings": {key: v for key, v in settings.items()
                             if key not in ("model", "benchmark", "n_problems")}}
-    _atomic_write(out / SUMMARY, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    fsio.atomic_write(out / SUMMARY, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     return EvalResult(summary, out, n_generated, n_resumed, time.perf_counter() - t0)
 
 

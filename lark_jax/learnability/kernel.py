@@ -30,12 +30,38 @@ RANK_CLIP = 100
 STATS = ("ce", "brier_topk", "brier_full", "rank", "tokens")
 
 
+def blocked_top_k(z, k: int, block: int = 128):
+    """``lax.top_k(z, k)`` over the last axis, in two small top-k's instead of one wide one.
+
+    Split the V logits into blocks of ``block``. The k largest values lie in the k
+    blocks with the largest maxima: any other block's maximum is at most the k-th
+    largest block maximum, below or tied with k values from distinct blocks.
+    So: block maxima (one cheap reduction), top-k of the V/block maxima, gather
+    those k blocks, top-k of their k·block values. The values are exactly
+    ``lax.top_k``'s; indices agree except between exactly tied logits, whose
+    order no scorer fixes. A wide top-k is a sort on some backends; this is ~3x
+    faster on CPU at V = 151,936.
+    """
+    v = z.shape[-1]
+    nb = -(-v // block)
+    if nb <= 2 * k:  # a small vocabulary: one top-k is cheaper
+        return lax.top_k(z, k)
+    lead = z.shape[:-1]
+    if nb * block != v:
+        z = jnp.concatenate([z, jnp.full((*lead, nb * block - v), -jnp.inf, z.dtype)], -1)
+    zb = z.reshape(*lead, nb, block)
+    _, blocks = lax.top_k(zb.max(-1), k)
+    cand = jnp.take_along_axis(zb, blocks[..., None], axis=-2)  # [..., k, block]
+    vals, pos = lax.top_k(cand.reshape(*lead, k * block), k)
+    return vals, jnp.take_along_axis(blocks, pos // block, axis=-1) * block + pos % block
+
+
 def token_stats(z, y, top_k: int):
     """z: logits [..., V]; y: int targets [...] -> (ce, brier_topk, brier_full, rank).
 
     One pass over the vocabulary computes Σ e, Σ e² (e = exp(z - max z)) and
     #{z_v > z_y} together (a variadic reduction: XLA would otherwise evaluate
-    the exponential once per sum), then ce = log Σe + max - z_y and
+    the exponential once per sum), then ce = log Σe + (max - z_y) and
     Σ π² = Σe² / (Σe)².
     """
     z = z.astype(jnp.float32)
@@ -46,11 +72,12 @@ def token_stats(z, y, top_k: int):
     axis = z.ndim - 1
     s1, s2, n_gt = lax.reduce((e, e * e, gt), (0.0, 0.0, 0.0),
                               lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]), (axis,))
-    lse = m + jnp.log(s1)
-    ce = lse - z_y
+    # log Σe + (max - z_y), not (max + log Σe) - z_y: with logits in the thousands the
+    # latter rounds log Σe to the float32 spacing of max (~1e-3 at 1e4).
+    ce = jnp.log(s1) + (m - z_y)
     p_y = jnp.exp(-ce)
     brier_full = 1.0 - 2.0 * p_y + s2 / (s1 * s1)
-    top_v, top_i = lax.top_k(z, top_k)
+    top_v, top_i = blocked_top_k(z, top_k)
     p = jax.nn.softmax(top_v, axis=-1)
     p_true = jnp.where(top_i == y[..., None], p, 0.0).sum(-1)
     brier_topk = 1.0 - 2.0 * p_true + (p * p).sum(-1)

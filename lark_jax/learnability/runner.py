@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from lark_jax import fsio
 from lark_jax.data.chat import Tokenized, tokenize_record
 from lark_jax.data.packing import PackedBatch, best_fit_rows, build_batch
 from lark_jax.data.pool import Record, iter_pool
@@ -66,21 +67,11 @@ def _bucket(n: int, row_length: int = 16) -> int:
     return max(row_length, -(-n // step) * step)
 
 
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class Sidecar:
     """Append-only JSONL of finished rows; the first line records the run's settings."""
 
     def __init__(self, path: Path, header: dict, resume: bool):
-        self.path = path
+        self.path = path = fsio.refuse_link(path)
         self.rows: list[dict] = []
         self.skipped: list[dict] = []
         self.created = not path.exists()
@@ -91,16 +82,11 @@ class Sidecar:
             self._load(header)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(json.dumps(header) + "\n")
-        self._f = open(path, "a", encoding="utf-8")  # closed in close()
+            fsio.atomic_write(path, json.dumps(header) + "\n")
+        self._f = fsio.open_append(path)  # closed in close()
 
     def _load(self, header: dict) -> None:
-        with open(self.path, "rb") as f:
-            data = f.read()
-        lines = data.split(b"\n")
-        # The last element is b"" after a complete write; anything else is a torn line.
-        good = lines[:-1]
+        good = fsio.complete_lines(self.path).split(b"\n")[:-1]  # cuts a torn last line
         try:
             got = json.loads(good[0]) if good else None
         except json.JSONDecodeError:
@@ -112,10 +98,6 @@ class Sidecar:
         for ln in good[1:]:
             row = json.loads(ln)
             (self.skipped if row.get("skipped") else self.rows).append(row)
-        keep = sum(len(x) + 1 for x in good)
-        if keep != len(data):  # drop a torn final line before appending after it
-            with open(self.path, "r+b") as f:
-                f.truncate(keep)
 
     def done_keys(self) -> set[tuple[int, int]]:
         return {(r["problem_id"], r["candidate_id"]) for r in self.rows + self.skipped}
@@ -197,7 +179,7 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
     """
     cfg.validate()
     t0 = time.perf_counter()
-    pool, out = Path(pool), Path(out)
+    pool, out = Path(pool), fsio.refuse_link(out)
     if out.is_dir():
         raise LarkError("output path is a directory", where=str(out))
     if student.tokenizer is None:
@@ -288,8 +270,7 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
             "n_problems": len(problems), "n_scored": len(rows), "n_skipped": len(skipped),
             "scores": scores,
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(out, result)
+        fsio.atomic_json(out, result)
         if n_proc > 1:
             _barrier("lark_jax_score_written")
     except BaseException:

@@ -8,7 +8,7 @@ so packed rows can restart positions per record.
 
 Two implementations with identical results up to float rounding:
 
-* ``dense``: materialises the [B, H, T, S] scores; fastest for short rows.
+* ``dense``: materialises the [B, H, T, S] scores; fastest for short rows and decoding.
 * ``blockwise``: flash-style online softmax over (query block × key block)
   tiles under ``lax.scan``; tiles that are entirely masked (above the causal
   diagonal, other segments) are skipped with ``lax.cond``. Memory is
@@ -117,12 +117,19 @@ def blockwise_attention(q, k, v, q_idx, kv_idx, q_seg, kv_seg, kv_valid, *,
 
 
 def attention(q, k, v, q_idx, kv_idx, q_seg, kv_seg, kv_valid, *, impl="auto",
-              dense_limit=1 << 26):
-    """q: [B, T, H, D]; k, v: [B, S, Hkv, D]; index/segment arrays [B, T] / [B, S]."""
+              dense_limit=1 << 26, dense_tile=1 << 18):
+    """q: [B, T, H, D]; k, v: [B, S, Hkv, D]; index/segment arrays [B, T] / [B, S].
+
+    ``auto`` is dense only for small score matrices (T·S ≤ ``dense_tile``, e.g. 512²,
+    and B·H·T·S ≤ ``dense_limit``): decoding steps and short rows. Longer rows go
+    blockwise, which skips masked tiles and never leaves cache-sized temporaries
+    (measured on CPU at T = 2048: 1.0 vs 1.6 ms/token for a 4-layer 0.5B-shaped body).
+    """
     b, t, h, _ = q.shape
     s_len = k.shape[1]
     if impl == "auto":
-        impl = "dense" if b * h * t * s_len <= dense_limit else "blockwise"
+        small = t * s_len <= dense_tile and b * h * t * s_len <= dense_limit
+        impl = "dense" if small else "blockwise"
     if impl == "dense":
         return dense_attention(q, k, v, q_idx, kv_idx, q_seg, kv_seg, kv_valid)
     if impl == "blockwise":

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lark_jax import fsio
 from lark_jax.data.pool import iter_pool
 from lark_jax.errors import LarkError
 
@@ -231,35 +232,20 @@ def _strict(obj):
     return obj
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def manifest_path(out: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(out)}.manifest.json")
 
 
 def write_selection(out: str | os.PathLike, records: Iterable[dict], manifest: dict) -> Path:
     """Write the JSONL records and then the manifest, each atomically; returns the manifest."""
-    out = Path(out)
+    out, mpath = fsio.refuse_link(out), fsio.refuse_link(manifest_path(out))
     if out.is_dir():
         raise LarkError("output path is a directory", where=str(out))
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out, lambda f: f.writelines(
-            json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records))
-        mpath = manifest_path(out)
-        _atomic_write(mpath, lambda f: f.write(json.dumps(_strict(manifest), indent=1,
-                                                          allow_nan=False) + "\n"))
+        with fsio.atomic_file(out) as f:
+            f.writelines(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n"
+                         for r in records)
+        fsio.atomic_write(mpath, json.dumps(_strict(manifest), indent=1, allow_nan=False) + "\n")
     except OSError as e:
         raise LarkError(f"cannot write output ({e})", where=str(out)) from None
     return mpath

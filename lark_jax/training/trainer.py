@@ -15,9 +15,9 @@ state and the step; the data position is a pure function of (seed, step), so
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lark_jax import fsio
 from lark_jax.errors import LarkError
 from lark_jax.models.decoder import Decoder
 from lark_jax.models.io import load_student, resolve_dtype, save_student
@@ -225,12 +226,6 @@ def _row_length(examples, max_length: int) -> int:
     return min(max(64, 1 << (longest - 1).bit_length()), max(64, max_length))
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
           cfg: TrainConfig = TrainConfig(), *, resume: bool = False, mesh=None,
           progress: Callable[..., None] | None = None) -> TrainSummary:
@@ -242,10 +237,10 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
 
     cfg.validate()
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = fsio.refuse_link(out_dir)
     ckpt_dir = (out_dir / "checkpoints").absolute()
-    if out_dir.is_symlink():
-        raise LarkError("refusing to write through a symbolic link", where=str(out_dir))
+    for p in (ckpt_dir, *(out_dir / f for f in ("metrics.jsonl", "run_config.json", "loss.png"))):
+        fsio.refuse_link(p)  # a link planted in the run directory is not followed
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not resume:
         raise LarkError("run directory already has checkpoints; pass --resume to continue or "
                         "choose a new --out", where=str(out_dir))
@@ -259,12 +254,12 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
     rows = max(n_data, (cfg.micro_batch_tokens // row_len) // n_data * n_data)
     trainer = Trainer(student.model, cfg, total, mesh)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    fsio.make_dir(out_dir)
     run_config = {"student": str(student_dir), "data": str(data), "config": dataclasses.asdict(cfg),
                   "n_examples": len(examples), "n_skipped": n_skipped, "total_steps": total,
                   "steps_per_epoch": plan.steps_per_epoch, "row_length": row_len,
                   "rows_per_microbatch": rows, "devices": int(mesh.devices.size)}
-    _atomic_text(out_dir / "run_config.json", json.dumps(run_config, indent=2) + "\n")
+    fsio.atomic_write(out_dir / "run_config.json", json.dumps(run_config, indent=2) + "\n")
 
     mgr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, enable_async_checkpointing=True))
@@ -278,9 +273,10 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
         restored = mgr.restore(start, args=ocp.args.StandardRestore(abstract))
         trainer.params, trainer.opt_state = restored["params"], restored["opt_state"]
         if metrics_path.exists():  # drop metrics of steps after the checkpoint
-            kept = [ln for ln in metrics_path.read_text().splitlines()
+            done = fsio.complete_lines(metrics_path).decode("utf-8")  # cuts a torn last line
+            kept = [ln for ln in done.splitlines()
                     if ln.strip() and json.loads(ln)["step"] <= start]
-            _atomic_text(metrics_path, "".join(ln + "\n" for ln in kept))
+            fsio.atomic_write(metrics_path, "".join(ln + "\n" for ln in kept))
     elif metrics_path.exists():
         metrics_path.unlink()
 
@@ -291,7 +287,7 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
     loss = math.nan
     tokens_total = 0
     try:
-        with open(metrics_path, "a", encoding="utf-8") as mf:
+        with fsio.open_append(metrics_path) as mf:
             for step in range(start, total):
                 ts = time.perf_counter()
                 mbs = step_microbatches(examples, plan.step_indices(step), row_len, rows)
@@ -341,8 +337,8 @@ def plot_loss(metrics_paths, out_png: Path, labels=None) -> None:
         ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_png)
+    fsio.atomic_write(out_png, buf.getvalue())
 
