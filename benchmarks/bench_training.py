@@ -60,11 +60,13 @@ def main(argv=None):
     rows = max(n_data, (cfg.micro_batch_tokens // row_len) // n_data * n_data)
     trainer = Trainer(student.model, cfg, plan.total_steps, student.mesh)
     t0 = time.perf_counter()
-    trainer.step(step_microbatches(examples, plan.step_indices(0), row_len, rows))  # compile
+    trainer.step(step_microbatches(examples, plan.step_indices(0), row_len, rows,
+                                    row_multiple=n_data))  # compile
     first = time.perf_counter() - t0
     tokens, t1 = 0, time.perf_counter()
     for k in range(1, args.steps + 1):
-        _, _, n = trainer.step(step_microbatches(examples, plan.step_indices(k), row_len, rows))
+        _, _, n = trainer.step(step_microbatches(examples, plan.step_indices(k), row_len, rows,
+                                                 row_multiple=n_data))
         tokens += n
     dt = time.perf_counter() - t1
     rate = matmul_rate_jax(dtype=args.dtype)

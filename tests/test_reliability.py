@@ -107,8 +107,8 @@ def test_sigkill_during_score_then_resume_equals_uninterrupted(hf_students, tmp_
 def test_sigkill_during_train_then_resume_continues_from_checkpoint(hf_students, tmp_path):
     d, _ = hf_students["llama_tied_gqa"]
     sel = selection_file(tmp_path / "train.jsonl", write_pool(tmp_path / "pool.jsonl", 8))
-    cfg = TrainConfig(epochs=12, lr=2e-3, batch_size=4, save_every=4, seed=5)
-    flags = ["--epochs", 12, "--lr", 2e-3, "--batch-size", 4, "--save-every", 4, "--seed", 5,
+    cfg = TrainConfig(epochs=3, lr=2e-3, batch_size=4, save_every=4, seed=5)
+    flags = ["--epochs", 3, "--lr", 2e-3, "--batch-size", 4, "--save-every", 4, "--seed", 5,
              "-q"]
     run = tmp_path / "run"
     ckpts = run / "checkpoints"

@@ -132,7 +132,8 @@ def test_one_device_equals_eight_with_fsdp(hf_students, selection):
         cfg = TrainConfig(lr=1e-3, fsdp=fsdp)
         tr = Trainer(student.model, cfg, 10, mesh)
         idx = np.arange(len(examples))
-        out = [tr.step(step_microbatches(examples, idx[:6], 512, 8)) for _ in range(2)]
+        out = [tr.step(step_microbatches(examples, idx[:6], 512, 8, row_multiple=n))
+               for _ in range(2)]
         losses[n] = [o[0] for o in out] + [o[1] for o in out]
         if fsdp:
             assert "data" in tuple(tr.params["layers"]["gate_proj"][...].sharding.spec)

@@ -290,7 +290,8 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
         with fsio.open_append(metrics_path) as mf:
             for step in range(start, total):
                 ts = time.perf_counter()
-                mbs = step_microbatches(examples, plan.step_indices(step), row_len, rows)
+                mbs = step_microbatches(examples, plan.step_indices(step), row_len, rows,
+                                        row_multiple=n_data)
                 loss, gnorm, tokens = trainer.step(mbs)
                 dt = time.perf_counter() - ts
                 tokens_total += tokens
