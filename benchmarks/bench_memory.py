@@ -66,6 +66,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--work", default=None)
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="lark-mem-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,7 @@ def main(argv=None):
                 return f"{r['peak_rss_mb']:10,.0f} {r['seconds']:7.1f}"
             return f"{'-':>10} {'-':>7}"
         print(f"{n:7d} {fmt(row['jax']):>20} {fmt(row['torch']):>18}", flush=True)
-    path = common.save_results("memory_cpu", res)
+    path = common.save_results(f"memory_cpu{args.tag}", res)
     print(f"-> {path}")
 
 

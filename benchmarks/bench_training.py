@@ -32,7 +32,11 @@ def main(argv=None):
     ap.add_argument("--hi", type=int, default=1024)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--micro-batch-tokens", type=int, default=16384)
     ap.add_argument("--work", default=None)
+    ap.add_argument("--shape", default="05b", choices=["05b", "15b"],
+                    help="Qwen2.5-0.5B or -1.5B layer shapes (random weights)")
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args(argv)
 
     import jax
@@ -44,7 +48,9 @@ def main(argv=None):
 
     work = Path(args.work or tempfile.mkdtemp(prefix="lark-train-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    student_dir = common.make_student(work / f"qwen05b-{args.layers}l", args.layers)
+    shape = common.QWEN05B if args.shape == "05b" else common.QWEN15B
+    student_dir = common.make_student(work / f"qwen{args.shape}-{args.layers}l", args.layers,
+                                      shape)
     pool = common.make_pool(work / "train_pool.jsonl", args.n, args.lo, args.hi, seed=1)
     sel = work / "train.jsonl"
     with open(sel, "w") as f:
@@ -52,7 +58,8 @@ def main(argv=None):
             f.write(json.dumps({"messages": json.loads(ln)["messages"],
                                 "meta": {"train_weight": 1.0}}) + "\n")
     student = lark_jax.load_student(student_dir, "float32", remat=args.remat)
-    cfg = TrainConfig(lr=1e-5, batch_size=args.batch_size, dtype=args.dtype, remat=args.remat)
+    cfg = TrainConfig(lr=1e-5, batch_size=args.batch_size, dtype=args.dtype, remat=args.remat,
+                      micro_batch_tokens=args.micro_batch_tokens)
     examples, _ = read_selection(sel, student.tokenizer, cfg.max_length)
     plan = StepPlan(len(examples), cfg.batch_size, 100, None, 0)
     row_len = _row_length(examples, cfg.max_length)
@@ -76,7 +83,7 @@ def main(argv=None):
            "tokens": tokens, "tok_s": tokens / dt, "flops_per_token": fpt,
            "matmul_flops_per_s": rate, "mfu": fpt * tokens / dt / rate,
            "devices": len(jax.devices())}
-    path = common.save_results(f"training_{jax.devices()[0].platform}", res)
+    path = common.save_results(f"training_{jax.devices()[0].platform}{args.tag}", res)
     print(f"SFT: {res['tok_s']:,.0f} tok/s, MFU {res['mfu']:.1%} (first step incl. compile "
           f"{first:.1f}s; {np.round(rate / 1e9, 1)} GFLOP/s ceiling) -> {path}")
 

@@ -9,7 +9,8 @@ import platform
 import random
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+# LARK_BENCH_RESULTS redirects results (the GPU script points it at $OUT).
+RESULTS = Path(os.environ.get("LARK_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 # Qwen2.5-0.5B's shape (hidden 896, 14 heads / 2 kv heads, MLP 4864, the full 151,936
 # vocabulary, tied embeddings); the layer count is a parameter so it runs on a CPU.

@@ -1,22 +1,44 @@
 #!/usr/bin/env bash
 # One prepared GPU run (H100/H200 image with jax, flax, optax, orbax, transformers, torch;
-# no downloads). From the repository root:   OUT=/some/dir bash benchmarks/gpu/run.sh
-# Writes every result JSON and log under $OUT.
+# no downloads). From the repository root:
+#     OUT=/some/dir bash benchmarks/gpu/run.sh
+# Every result JSON and log goes to $OUT. DRY=1 rehearses the same steps on the CPU with
+# a one-layer student and a handful of trajectories (minutes), to catch script errors
+# before spending device time.
+#
+# Measures, in bf16 with a random Qwen2.5-1.5B-shaped student (28 layers, full vocabulary):
+#   scoring, lark-jax vs the PyTorch comparator, pools with median ~512 and ~4k tokens;
+#   SFT tokens/s; MFU of each against the bf16 matmul rate measured in the same process.
 set -uo pipefail
-OUT="${OUT:-benchmarks/results}"
+OUT="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-python - <<'PY' > "$OUT/versions.txt" 2>&1
-import jax, flax, transformers, torch
-print(jax.__version__, flax.__version__, transformers.__version__, torch.__version__, jax.devices())
-PY
+export LARK_BENCH_RESULTS="$OUT" PYTHONPATH="$PWD:${PYTHONPATH:-}"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and torch share the card in one process
+if [ "${DRY:-0}" = 1 ]; then
+  DEV=cpu; L=1; N512=4; N4K=2; T=900
+  TRAIN=(--steps 1 --batch-size 2 --n 4 --lo 128 --hi 256 --micro-batch-tokens 1024)
+else
+  DEV=cuda; L=28; N512=512; N4K=48; T=240
+  TRAIN=(--steps 4 --batch-size 16 --n 64 --lo 512 --hi 2048 --micro-batch-tokens 8192)
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"; } \
+  > "$OUT/gpu.txt" 2>&1
+python -c "import jax, flax, transformers, torch; print(jax.__version__, flax.__version__, \
+transformers.__version__, torch.__version__, jax.devices())" > "$OUT/versions.txt" 2>&1
 W=$(mktemp -d)
-# Qwen2.5-1.5B shape (28 layers), bf16, pools with median ~512 and ~4k tokens.
-for spec in "512 256 1024 256" "4096 2048 8192 32"; do
-  set -- $spec
-  timeout 240 python benchmarks/bench_scoring.py --shape 15b --layers 28 --dtype bfloat16 \
-    --n "$4" --lo "$2" --hi "$3" --batch-tokens 65536 --row-length 8192 \
-    --torch-device cuda --tag "_gpu_median$1" --work "$W" 2>&1 | tail -n 8 | tee "$OUT/scoring_median$1.log"
-done
-cp benchmarks/results/scoring_gpu_median*.json "$OUT/" 2>/dev/null || true
+
+step() {  # step NAME SCRIPT ARGS...: run with a time limit, keep the tail of its output
+  local name=$1; shift
+  echo "== $name"
+  timeout "$T" python "$@" 2>&1 | grep -v "Loading weights" | tail -n 15 | tee "$OUT/$name.log"
+}
+
+step scoring_median512 benchmarks/bench_scoring.py --shape 15b --layers "$L" --dtype bfloat16 \
+  --n "$N512" --lo 256 --hi 1024 --batch-tokens 65536 --row-length 2048 \
+  --torch-device "$DEV" --tag _median512 --work "$W"
+step scoring_median4k benchmarks/bench_scoring.py --shape 15b --layers "$L" --dtype bfloat16 \
+  --n "$N4K" --lo 2048 --hi 8192 --batch-tokens 65536 --row-length 8192 \
+  --torch-device "$DEV" --tag _median4k --work "$W"
+step training benchmarks/bench_training.py --shape 15b --layers "$L" --dtype bfloat16 \
+  "${TRAIN[@]}" --tag _15b_bf16 --work "$W"
+ls -l "$OUT"
