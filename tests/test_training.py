@@ -202,3 +202,18 @@ def test_lora_trains_factors_only_and_merges_at_export(hf_students, selection, t
     with torch.no_grad():
         t = theirs(torch.tensor(ids)).logits.numpy()
     assert np.abs(np.asarray(ours.model(jnp.asarray(ids, jnp.int32))) - t).max() <= 1e-4
+
+
+def test_two_level_logsumexp_is_float64_accurate_with_softmax_gradient():
+    from lark_jax.numerics import logsumexp
+
+    rng = np.random.RandomState(3)
+    z = (rng.randn(4, 151936) * 3).astype(np.float32)
+    z64 = z.astype(np.float64)
+    m = z64.max(-1, keepdims=True)
+    want = (m + np.log(np.exp(z64 - m).sum(-1, keepdims=True)))[:, 0]
+    np.testing.assert_allclose(np.asarray(logsumexp(jnp.asarray(z)), np.float64), want,
+                               rtol=0, atol=2e-5)
+    g = np.asarray(jax.grad(lambda x: logsumexp(x).sum())(jnp.asarray(z[:, :1001])))
+    sm = np.exp(z64[:, :1001] - z64[:, :1001].max(-1, keepdims=True))
+    np.testing.assert_allclose(g, sm / sm.sum(-1, keepdims=True), atol=1e-7)

@@ -5,7 +5,8 @@
 w_t is the record's train_weight on its assistant tokens and 0 elsewhere.
 The head matmul, logsumexp and target gather run per sequence chunk under
 ``lax.scan`` with ``jax.checkpoint``, so the backward pass recomputes one
-chunk's logits at a time; accumulation is float32 whatever the model dtype.
+chunk's logits at a time; accumulation is float32 whatever the model dtype, and
+the log-sum-exp sums in two levels (``lark_jax.numerics``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lark_jax.models.decoder import pow2_chunk
+from lark_jax.numerics import logsumexp
 
 
 def weighted_ce_sums(model, ids, positions, segments, targets, weights, chunk_tokens=1024):
@@ -31,7 +33,7 @@ def weighted_ce_sums(model, ids, positions, segments, targets, weights, chunk_to
     def body(acc, xs):
         h, y, w = xs
         z = jnp.einsum("bcd,vd->bcv", h, w_head, preferred_element_type=jnp.float32)
-        ce = jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, y[..., None], -1)[..., 0]
+        ce = logsumexp(z) - jnp.take_along_axis(z, y[..., None], -1)[..., 0]
         return acc + jnp.stack([(w * ce).sum(), w.sum()]), None
 
     acc, _ = lax.scan(jax.checkpoint(body), jnp.zeros(2, jnp.float32),
