@@ -2,6 +2,7 @@
 outputs, and numerical safety of bf16 students with extreme activations."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -334,3 +335,12 @@ def test_pool_text_is_data_not_code(hf_students, tmp_path):
     row = json.loads((tmp_path / "s.json").read_text())["scores"]["0"][0]
     assert row["teacher"] == "t; rm -rf /" and np.isfinite(row["L"])
     assert not (tmp_path / "pwned").exists()
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        fsio.atomic_write(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
