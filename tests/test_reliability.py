@@ -2,7 +2,6 @@
 outputs, and numerical safety of bf16 students with extreme activations."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -33,6 +32,15 @@ def cli(*args):
     return [sys.executable, "-m", "lark_jax", *map(str, args)]
 
 
+def spawn(cmd, tmp_path) -> subprocess.Popen:
+    """Start ``cmd`` with its output in a file (an undrained pipe could block the child)."""
+    log = open(tmp_path / "child.log", "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = tmp_path / "child.log"
+    log.close()
+    return proc
+
+
 def kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
     """SIGKILL ``proc`` as soon as ``ready()`` holds; fail if it finishes first."""
     deadline = time.monotonic() + timeout
@@ -43,7 +51,7 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
             return
         if proc.poll() is not None:
             raise AssertionError("the run finished before it could be killed:\n"
-                                 + proc.stderr.read().decode(errors="replace"))
+                                 + proc.log_path.read_text(errors="replace"))
         time.sleep(0.01)
     proc.kill()
     raise AssertionError("timed out waiting for the run to make progress")
@@ -73,8 +81,7 @@ def test_sigkill_during_score_then_resume_equals_uninterrupted(hf_students, tmp_
     flags = ["--top-k", 10, "--row-length", 128, "--batch-tokens", 256, "-q"]
     out = tmp_path / "scores.json"
     side = tmp_path / "scores.json.partial.jsonl"
-    proc = subprocess.Popen(cli("score", "--pool", pool, "--student", d, "--out", out, *flags),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = spawn(cli("score", "--pool", pool, "--student", d, "--out", out, *flags), tmp_path)
     kill_when(proc, lambda: n_lines(side) >= 1 + 6)  # header + at least three batches
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists() and side.exists()
@@ -84,10 +91,13 @@ def test_sigkill_during_score_then_resume_equals_uninterrupted(hf_students, tmp_
     r = subprocess.run(cli("score", "--pool", pool, "--student", d, "--out", out, *flags),
                        capture_output=True, text=True)
     assert r.returncode != 0 and "--resume" in r.stderr and "Traceback" not in r.stderr
+    flags.remove("-q")
     r = subprocess.run(cli("score", "--pool", pool, "--student", d, "--out", out, *flags,
                            "--resume"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert not side.exists()
+    # The rows written before the kill were reused, not recomputed.
+    assert f"{n_before} resumed" in r.stdout, r.stdout
 
     s = lark_jax.load_student(d, mesh=one_device())
     score_pool(s, pool, tmp_path / "ref.json",
@@ -117,14 +127,16 @@ def test_sigkill_during_train_then_resume_continues_from_checkpoint(hf_students,
     def checkpointed():
         return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
 
-    proc = subprocess.Popen(cli("train", "--data", sel, "--student", d, "--out", run, *flags),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = spawn(cli("train", "--data", sel, "--student", d, "--out", run, *flags), tmp_path)
     kill_when(proc, checkpointed)
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "final").exists()
+    latest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    flags.remove("-q")
     r = subprocess.run(cli("train", "--data", sel, "--student", d, "--out", run, *flags,
                            "--resume"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert f"(resumed from {latest})" in r.stdout and latest > 0, r.stdout
 
     full = train(d, sel, tmp_path / "ref", cfg, mesh=one_device())
     want = [json.loads(x) for x in (tmp_path / "ref/metrics.jsonl").read_text().splitlines()]
@@ -277,19 +289,30 @@ def test_eval_refuses_links_in_its_directory(tmp_path, outside):
 def test_kernel_is_exact_on_huge_bfloat16_logits():
     """Logits of magnitude 1e4 in bfloat16: statistics in float32 match a float64 oracle."""
     rng = np.random.default_rng(0)
-    z = (rng.standard_normal((16, 300)) * 4000).astype(jnp.bfloat16)
-    y = rng.integers(0, 300, 16)
-    y[:4] = np.asarray(z, np.float32).argmax(-1)[:4]  # some targets are the arg-max
+    v, k, n = 3000, 5, 16  # blocked top-K (24 blocks > 2k) and two-level sums (blocks of 500)
+    z = rng.standard_normal((n, v)) * 4000
+    z[4:8] = 5000 + rng.standard_normal((4, v))  # huge but close: top-K probabilities matter
+    z = z.astype(jnp.bfloat16)
+    z32 = np.asarray(z, np.float32)
+    y = rng.integers(0, v, n)
+    y[:4] = z32.argmax(-1)[:4]  # some targets are the arg-max
+    y[4:8] = np.argsort(-z32[4:8], axis=1, kind="stable")[:, 2]  # inside the top K
     ce, brier_k, brier_f, _ = (np.asarray(x, np.float64) for x in
-                               token_stats(jnp.asarray(z), jnp.asarray(y), 20))
-    z64 = np.asarray(z, np.float64)
+                               token_stats(jnp.asarray(z), jnp.asarray(y), k))
+    z64 = z32.astype(np.float64)
     lse = z64.max(-1) + np.log(np.exp(z64 - z64.max(-1, keepdims=True)).sum(-1))
-    want_ce = lse - z64[np.arange(16), y]
+    want_ce = lse - z64[np.arange(n), y]
     p = np.exp(z64 - lse[:, None])
-    onehot = np.eye(300)[y]
+    onehot = np.eye(v)[y]
+    top = np.argsort(-z64, axis=1, kind="stable")[:, :k]
+    pk = np.exp(np.take_along_axis(z64, top, 1) - z64.max(-1, keepdims=True))
+    pk /= pk.sum(-1, keepdims=True)
+    p_true = np.where(top == y[:, None], pk, 0.0).sum(-1)
     assert np.isfinite([ce, brier_k, brier_f]).all()
     np.testing.assert_allclose(ce, want_ce, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(brier_f, ((onehot - p) ** 2).sum(-1), atol=1e-6)
+    np.testing.assert_allclose(brier_k, 1 - 2 * p_true + (pk**2).sum(-1), atol=1e-6)
+    assert (p_true[4:8] > 0).all()  # those targets are inside the top K
 
 
 def test_bf16_student_with_massive_activations_scores_and_trains_finitely(hf_students, tmp_path):
@@ -338,9 +361,5 @@ def test_pool_text_is_data_not_code(hf_students, tmp_path):
 
 
 def test_atomic_outputs_get_the_usual_permissions(tmp_path):
-    old = os.umask(0o022)
-    try:
-        fsio.atomic_write(tmp_path / "a.json", "{}")
-    finally:
-        os.umask(old)
-    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    fsio.atomic_write(tmp_path / "a.json", "{}")  # not mkstemp's private 0600
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~fsio._UMASK

@@ -86,23 +86,26 @@ class StepPlan:
 
 
 def step_microbatches(examples: list[Example], idx: np.ndarray, row_len: int, rows: int,
-                      max_segments: int | None = None, row_multiple: int = 1):
+                      max_segments: int | None = None, row_multiple: int | None = None):
     """Pack one step's examples; yields dicts of [rows', row_len] arrays.
 
-    Full micro-batches have ``rows`` rows. The last one shrinks to the next power
-    of two (times ``row_multiple``, the data-parallel width) at or above the rows
-    it holds, capped at ``rows``: a small step then computes a few padding rows,
-    not a whole micro-batch of them, at the cost of at most log2(rows) extra
-    compiled shapes. ``max_segments=1`` gives one record per row (no packing).
+    Micro-batches have ``rows`` rows. With ``row_multiple`` (the data-parallel
+    width) the last one shrinks to the next power of two times ``row_multiple``
+    at or above the rows it holds, capped at ``rows``: a small step then computes
+    a few padding rows, not a whole micro-batch of them, at the cost of at most
+    log2(rows) extra compiled shapes. ``max_segments=1`` gives one record per row
+    (no packing).
     """
     toks = [examples[i].tok for i in idx]
     packed = best_fit_rows([len(t.ids) for t in toks], row_len,
                            max_segments=max_segments or row_len)
     for s in range(0, len(packed), rows):
         chunk = packed[s:s + rows]
-        units = -(-len(chunk) // row_multiple)
-        shrunk = row_multiple * (1 << (units - 1).bit_length())
-        b = build_batch(toks, chunk, min(rows, shrunk), row_len)
+        n_rows = rows
+        if row_multiple:
+            units = -(-len(chunk) // row_multiple)
+            n_rows = min(rows, row_multiple * (1 << (units - 1).bit_length()))
+        b = build_batch(toks, chunk, n_rows, row_len)
         w = b.weights.copy()
         for r, seg, i in b.slots:  # broadcast the record's weight over its scored tokens
             w[r][b.segments[r] == seg] *= examples[idx[i]].weight

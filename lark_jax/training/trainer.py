@@ -239,7 +239,8 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
     t0 = time.perf_counter()
     out_dir = fsio.refuse_link(out_dir)
     ckpt_dir = (out_dir / "checkpoints").absolute()
-    for p in (ckpt_dir, *(out_dir / f for f in ("metrics.jsonl", "run_config.json", "loss.png"))):
+    for p in (ckpt_dir, *(out_dir / f for f in ("metrics.jsonl", "run_config.json", "loss.png",
+                                                "final"))):
         fsio.refuse_link(p)  # a link planted in the run directory is not followed
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not resume:
         raise LarkError("run directory already has checkpoints; pass --resume to continue or "
