@@ -18,7 +18,7 @@ if [ "${DRY:-0}" = 1 ]; then
   DEV=cpu; L=1; N512=4; N4K=2; T=900
   TRAIN=(--steps 1 --batch-size 2 --n 4 --lo 128 --hi 256 --micro-batch-tokens 1024)
 else
-  DEV=cuda; L=28; N512=512; N4K=48; T=240
+  DEV=cuda; L=28; N512=512; N4K=48; T=170  # 3 steps fit a 540 s device call
   TRAIN=(--steps 4 --batch-size 16 --n 64 --lo 512 --hi 2048 --micro-batch-tokens 8192)
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"; } \
