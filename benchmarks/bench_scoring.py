@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def flops_per_token(cfg, mean_ctx: float) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=2)
+    common.add_student_args(ap)
     ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--lo", type=int, default=256)
     ap.add_argument("--hi", type=int, default=2048)
@@ -54,11 +53,7 @@ def main(argv=None):
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--row-length", type=int, default=2048)
     ap.add_argument("--skip-torch", action="store_true")
-    ap.add_argument("--shape", default="05b", choices=["05b", "15b"],
-                    help="Qwen2.5-0.5B or -1.5B layer shapes (random weights)")
     ap.add_argument("--torch-device", default="cpu")
-    ap.add_argument("--tag", default="", help="suffix of the results file name")
-    ap.add_argument("--work", default=None, help="directory for the model and pool (cached)")
     args = ap.parse_args(argv)
 
     import jax
@@ -66,11 +61,7 @@ def main(argv=None):
     import lark_jax
     from lark_jax.learnability.runner import ScoreConfig, score_pool
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="lark-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    shape = common.QWEN05B if args.shape == "05b" else common.QWEN15B
-    student_dir = common.make_student(work / f"qwen{args.shape}-{args.layers}l", args.layers,
-                                      shape)
+    work, student_dir = common.bench_student(args, "lark-bench-")
     pool = common.make_pool(work / f"pool-{args.n}-{args.lo}-{args.hi}.jsonl", args.n, args.lo,
                             args.hi)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from bench_scoring import flops_per_token, matmul_rate_jax  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=2)
+    common.add_student_args(ap)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--n", type=int, default=32)
@@ -33,10 +32,6 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--micro-batch-tokens", type=int, default=16384)
-    ap.add_argument("--work", default=None)
-    ap.add_argument("--shape", default="05b", choices=["05b", "15b"],
-                    help="Qwen2.5-0.5B or -1.5B layer shapes (random weights)")
-    ap.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args(argv)
 
     import jax
@@ -46,11 +41,7 @@ def main(argv=None):
     from lark_jax.training.data import StepPlan, read_selection, step_microbatches
     from lark_jax.training.trainer import TrainConfig, Trainer, _row_length
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="lark-train-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    shape = common.QWEN05B if args.shape == "05b" else common.QWEN15B
-    student_dir = common.make_student(work / f"qwen{args.shape}-{args.layers}l", args.layers,
-                                      shape)
+    work, student_dir = common.bench_student(args, "lark-train-bench-")
     pool = common.make_pool(work / "train_pool.jsonl", args.n, args.lo, args.hi, seed=1)
     sel = work / "train.jsonl"
     with open(sel, "w") as f:

@@ -20,6 +20,28 @@ QWEN15B = dict(hidden_size=1536, num_heads=12, num_kv_heads=2, head_dim=128,
                intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True)
 
 
+SHAPES = {"05b": QWEN05B, "15b": QWEN15B}
+
+
+def add_student_args(ap) -> None:
+    """--layers/--shape/--tag/--work, shared by the benchmarks that build a random student."""
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--shape", default="05b", choices=sorted(SHAPES),
+                    help="Qwen2.5-0.5B or -1.5B layer shapes (random weights)")
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument("--work", default=None, help="directory for the model and pool (cached)")
+
+
+def bench_student(args, prefix: str) -> tuple[Path, Path]:
+    """(work directory, random student of args.shape with args.layers), both cached."""
+    import tempfile
+
+    work = Path(args.work or tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    return work, make_student(work / f"qwen{args.shape}-{args.layers}l", args.layers,
+                              SHAPES[args.shape])
+
+
 def machine_info() -> dict:
     import jax
     info = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

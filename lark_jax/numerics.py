@@ -19,13 +19,17 @@ def sum_block(v: int) -> int:
     return d if d >= 16 or d == v else 128
 
 
-def vocab_blocks(z: jax.Array) -> jax.Array:
-    """[..., V] -> [..., V/block, block], padded with -inf when V is not a multiple."""
+def blocks(z: jax.Array, block: int) -> jax.Array:
+    """[..., V] -> [..., ceil(V/block), block], padded with -inf when V is not a multiple."""
     v = z.shape[-1]
-    block = sum_block(v)
     if v % block:
         z = jnp.concatenate([z, jnp.full((*z.shape[:-1], -v % block), -jnp.inf, z.dtype)], -1)
     return z.reshape(*z.shape[:-1], -1, block)
+
+
+def vocab_blocks(z: jax.Array) -> jax.Array:
+    """``z`` in blocks of ``sum_block(V)`` for two-level sums."""
+    return blocks(z, sum_block(z.shape[-1]))
 
 
 def logsumexp(z: jax.Array) -> jax.Array:

@@ -92,3 +92,36 @@ def write_pool(path, n_problems: int = 6, seed: int = 0, teachers=("terse", "ver
                 f.write(json.dumps({"problem_id": pid, "candidate_id": cid, "teacher": t,
                                     "messages": msgs}) + "\n")
     return path
+
+
+def one_device():
+    """A 1-device mesh (the session has 8 simulated CPU devices)."""
+    from lark_jax.parallel import make_mesh
+
+    return make_mesh(devices=jax.devices()[:1])
+
+
+def write_selection(path, pool_path, weights=None):
+    """A training JSONL from a pool: record i gets weights[i % len(weights)] (default 1)."""
+    import json
+
+    recs = [json.loads(x) for x in open(pool_path, encoding="utf-8")]
+    with open(path, "w", encoding="utf-8") as f:
+        for i, r in enumerate(recs):
+            w = weights[i % len(weights)] if weights else 1.0
+            f.write(json.dumps({"messages": r["messages"],
+                                "meta": {"problem_id": r["problem_id"], "train_weight": w}})
+                    + "\n")
+    return path
+
+
+class Preempted(Exception):
+    """Stands in for a preemption in interruption tests."""
+
+
+def preempt_at(step: int):
+    """A train() progress callback that raises Preempted after ``step``."""
+    def progress(done, total, loss, tok_s):
+        if done == step:
+            raise Preempted
+    return progress

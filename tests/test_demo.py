@@ -6,8 +6,8 @@ import math
 import os
 from pathlib import Path
 
-import jax
 import pytest
+from conftest import one_device
 
 from lark_jax import LarkError
 from lark_jax.data.pool import iter_pool
@@ -15,14 +15,9 @@ from lark_jax.demo import METHODS, TEACHERS, TaskConfig, build_task, demo_config
 from lark_jax.demo.pipeline import spearman
 from lark_jax.demo.task import SAMPLES, expression
 from lark_jax.evaluation import extract_answer, is_equivalent
-from lark_jax.parallel import make_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def one_device():
-    return make_mesh(devices=jax.devices()[:1])
 
 
 # -- task -----------------------------------------------------------------------------------

@@ -7,11 +7,10 @@ import subprocess
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import write_pool
+from conftest import Preempted, one_device, preempt_at, write_pool, write_selection
 
 import lark_jax
 from lark_jax import LarkError, fsio
@@ -19,12 +18,9 @@ from lark_jax.cli import main as cli_main
 from lark_jax.learnability.kernel import token_stats
 from lark_jax.learnability.runner import ScoreConfig, score_pool
 from lark_jax.models.tiny import make_tiny_student
-from lark_jax.parallel import make_mesh
 from lark_jax.training.trainer import TrainConfig, train
 
-
-def one_device():
-    return make_mesh(devices=jax.devices()[:1])
+WEIGHTS = (0.5, 1.0, 2.0)
 
 
 def cli(*args):
@@ -62,14 +58,6 @@ def n_lines(path) -> int:
         return path.read_bytes().count(b"\n")
     except FileNotFoundError:
         return 0
-
-
-def selection_file(path, pool_path, weights=(0.5, 1.0, 2.0)):
-    recs = [json.loads(x) for x in open(pool_path, encoding="utf-8")]
-    path.write_text("".join(json.dumps({"messages": r["messages"], "meta": {
-        "problem_id": r["problem_id"], "train_weight": weights[i % len(weights)]}}) + "\n"
-        for i, r in enumerate(recs)))
-    return path
 
 
 # -- SIGKILL, then --resume ---------------------------------------------------------------
@@ -117,7 +105,8 @@ def test_sigkill_during_score_then_resume_equals_uninterrupted(hf_students, tmp_
 
 def test_sigkill_during_train_then_resume_continues_from_checkpoint(hf_students, tmp_path):
     d, _ = hf_students["llama_tied_gqa"]
-    sel = selection_file(tmp_path / "train.jsonl", write_pool(tmp_path / "pool.jsonl", 8))
+    sel = write_selection(tmp_path / "train.jsonl", write_pool(tmp_path / "pool.jsonl", 8),
+                          WEIGHTS)
     cfg = TrainConfig(epochs=3, lr=2e-3, batch_size=4, save_every=4, seed=5)
     flags = ["--epochs", 3, "--lr", 2e-3, "--batch-size", 4, "--save-every", 4, "--seed", 5,
              "-q"]
@@ -152,18 +141,12 @@ def test_sigkill_during_train_then_resume_continues_from_checkpoint(hf_students,
 def test_resume_cuts_a_torn_metrics_line(hf_students, tmp_path):
     """A crash mid-write leaves half a metrics line; resume drops it and continues."""
     d, _ = hf_students["llama_tied_gqa"]
-    sel = selection_file(tmp_path / "train.jsonl", write_pool(tmp_path / "pool.jsonl", 4))
+    sel = write_selection(tmp_path / "train.jsonl", write_pool(tmp_path / "pool.jsonl", 4),
+                          WEIGHTS)
     cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=4, save_every=3, seed=1)
 
-    class Preempted(Exception):
-        pass
-
-    def die(step, total, loss, tok_s):
-        if step == 4:
-            raise Preempted
-
     with pytest.raises(Preempted):
-        train(d, sel, tmp_path / "run", cfg, mesh=one_device(), progress=die)
+        train(d, sel, tmp_path / "run", cfg, mesh=one_device(), progress=preempt_at(4))
     with open(tmp_path / "run/metrics.jsonl", "a") as f:
         f.write('{"step": 5, "lo')
     s = train(d, sel, tmp_path / "run", cfg, mesh=one_device(), resume=True)
@@ -251,7 +234,8 @@ def test_select_refuses_links_and_writes_nothing(tmp_path, outside, capsys):
 
 def test_train_refuses_links_in_the_run_directory(hf_students, tmp_path, outside):
     d, _ = hf_students["llama_tied_gqa"]
-    sel = selection_file(tmp_path / "train.jsonl", write_pool(tmp_path / "pool.jsonl", 2))
+    sel = write_selection(tmp_path / "train.jsonl", write_pool(tmp_path / "pool.jsonl", 2),
+                          WEIGHTS)
     cfg = TrainConfig(epochs=1, batch_size=6)
     with pytest.raises(LarkError, match="symbolic link"):
         train(d, sel, plant(tmp_path / "run_link", outside.parent), cfg, mesh=one_device())
@@ -335,7 +319,7 @@ def test_bf16_student_with_massive_activations_scores_and_trains_finitely(hf_stu
     for a, b in zip(got["bfloat16"], got["float32"], strict=True):
         assert np.isfinite([a["L"], a["Brier"], a["g_hat"]]).all()
         assert a["L"] == pytest.approx(b["L"], rel=0.02)
-    sel = selection_file(tmp_path / "train.jsonl", pool)
+    sel = write_selection(tmp_path / "train.jsonl", pool, WEIGHTS)
     res = train(planted, sel, tmp_path / "run", TrainConfig(epochs=2, batch_size=3, lr=1e-4,
                                                              dtype="bfloat16"),
                 mesh=one_device())

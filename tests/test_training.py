@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import write_pool
+from conftest import Preempted, one_device, preempt_at, write_pool, write_selection
 
 import lark_jax
 from lark_jax import LarkError
@@ -18,25 +18,10 @@ from lark_jax.training.loss import weighted_ce_sums
 from lark_jax.training.trainer import TrainConfig, Trainer, train
 
 
-def write_selection(path, pool_path, weights=None):
-    recs = [json.loads(x) for x in open(pool_path, encoding="utf-8")]
-    with open(path, "w", encoding="utf-8") as f:
-        for i, r in enumerate(recs):
-            w = weights[i % len(weights)] if weights else 1.0
-            f.write(json.dumps({"messages": r["messages"],
-                                "meta": {"problem_id": r["problem_id"], "train_weight": w}})
-                    + "\n")
-    return path
-
-
 @pytest.fixture()
 def selection(tmp_path):
     pool = write_pool(tmp_path / "pool.jsonl", n_problems=4)
     return write_selection(tmp_path / "train.jsonl", pool, weights=[0.2, 1.0, 2.5])
-
-
-def one_device():
-    return make_mesh(devices=jax.devices()[:1])
 
 
 def test_weighted_loss_equals_hand_computation_and_packing(hf_students, selection):
@@ -84,15 +69,8 @@ def test_resume_equals_uninterrupted(hf_students, selection, tmp_path):
     cfg = TrainConfig(epochs=2, lr=2e-3, batch_size=4, save_every=3, seed=3)
     full = train(d, selection, tmp_path / "a", cfg, mesh=one_device())
 
-    class Preempted(Exception):
-        pass
-
-    def die(step, total, loss, tok_s):
-        if step == 3:
-            raise Preempted
-
     with pytest.raises(Preempted):
-        train(d, selection, tmp_path / "b", cfg, mesh=one_device(), progress=die)
+        train(d, selection, tmp_path / "b", cfg, mesh=one_device(), progress=preempt_at(3))
     with pytest.raises(LarkError, match="pass --resume"):
         train(d, selection, tmp_path / "b", cfg, mesh=one_device())
     res = train(d, selection, tmp_path / "b", cfg, mesh=one_device(), resume=True)

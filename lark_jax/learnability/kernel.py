@@ -25,7 +25,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from lark_jax.models.decoder import pow2_chunk
-from lark_jax.numerics import vocab_blocks
+from lark_jax.numerics import blocks, vocab_blocks
 
 RANK_CLIP = 100
 STATS = ("ce", "brier_topk", "brier_full", "rank", "tokens")
@@ -48,15 +48,13 @@ def blocked_top_k(z, k: int, block: int = 128):
     if nb <= 2 * k:  # a small vocabulary: one top-k is cheaper
         return lax.top_k(z, k)
     lead = z.shape[:-1]
-    if nb * block != v:
-        z = jnp.concatenate([z, jnp.full((*lead, nb * block - v), -jnp.inf, z.dtype)], -1)
-    zb = z.reshape(*lead, nb, block)
+    zb = blocks(z, block)
     # Blocks in vocabulary order: the candidates are then in index order and the stable
     # second top-k breaks ties by lower index, exactly as lax.top_k does.
-    blocks = jnp.sort(lax.top_k(zb.max(-1), k)[1], axis=-1)
-    cand = jnp.take_along_axis(zb, blocks[..., None], axis=-2)  # [..., k, block]
+    chosen = jnp.sort(lax.top_k(zb.max(-1), k)[1], axis=-1)
+    cand = jnp.take_along_axis(zb, chosen[..., None], axis=-2)  # [..., k, block]
     vals, pos = lax.top_k(cand.reshape(*lead, k * block), k)
-    return vals, jnp.take_along_axis(blocks, pos // block, axis=-1) * block + pos % block
+    return vals, jnp.take_along_axis(chosen, pos // block, axis=-1) * block + pos % block
 
 
 def token_stats(z, y, top_k: int):
