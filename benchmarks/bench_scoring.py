@@ -43,6 +43,14 @@ def flops_per_token(cfg, mean_ctx: float) -> float:
     return 2 * (cfg.num_layers * per_layer + cfg.vocab_size * d) + 2 * cfg.num_layers * attn
 
 
+def _max_rel_diff(a: Path, b: Path) -> float:
+    """Largest relative difference of L or Brier between two scores files (same pool)."""
+    sa, sb = (json.loads(p.read_text())["scores"] for p in (a, b))
+    return max(abs(x[k] - y[k]) / abs(y[k])
+               for pid in sb for x, y in zip(sa[pid], sb[pid], strict=True)
+               for k in ("L", "Brier"))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     common.add_student_args(ap)
@@ -54,6 +62,11 @@ def main(argv=None):
     ap.add_argument("--row-length", type=int, default=2048)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--torch-device", default="cpu")
+    ap.add_argument("--attention", default="auto",
+                    choices=["auto", "dense", "blockwise", "flash"])
+    ap.add_argument("--compare-attention", default="",
+                    help="comma-separated attention kernels to time as well, after the "
+                         "comparator (e.g. flash on GPU); results under lark_jax_<impl>")
     args = ap.parse_args(argv)
 
     import jax
@@ -66,16 +79,21 @@ def main(argv=None):
                             args.hi)
 
     res = {"machine": common.machine_info(), "args": vars(args)}
-    t0 = time.perf_counter()
-    student = lark_jax.load_student(student_dir, dtype=args.dtype)
     cfg = ScoreConfig(batch_tokens=args.batch_tokens, row_length=args.row_length)
-    s1 = score_pool(student, pool, work / "scores_jax.json", cfg)
-    cold = time.perf_counter() - t0
-    s2 = score_pool(student, pool, work / "scores_jax2.json", cfg)  # compiled: steady state
-    tokens = s1.tokens
-    ours = {"tokens": tokens, "tok_s_incl_startup": tokens / cold,
-            "tok_s_steady": tokens / s2.seconds, "seconds_cold": cold,
-            "seconds_steady": s2.seconds, "padding_fraction": 1 - s2.tokens / s2.padded_tokens}
+
+    def run_ours(impl: str, tag: str):
+        t0 = time.perf_counter()
+        student = lark_jax.load_student(student_dir, dtype=args.dtype, attn_impl=impl)
+        s1 = score_pool(student, pool, work / f"scores_{tag}.json", cfg)
+        cold = time.perf_counter() - t0
+        s2 = score_pool(student, pool, work / f"scores_{tag}2.json", cfg)  # compiled
+        return student, s1, {"attention": impl, "tokens": s1.tokens,
+                             "tok_s_incl_startup": s1.tokens / cold,
+                             "tok_s_steady": s1.tokens / s2.seconds, "seconds_cold": cold,
+                             "seconds_steady": s2.seconds,
+                             "padding_fraction": 1 - s2.tokens / s2.padded_tokens}
+
+    student, s1, ours = run_ours(args.attention, "jax")
     res["lark_jax"] = ours
     mean_ctx = s1.padded_tokens / max(1, s1.n_scored) / 2
     fpt = flops_per_token(student.config, mean_ctx)
@@ -83,6 +101,9 @@ def main(argv=None):
     res["matmul_flops_per_s"] = rate
     res["flops_per_token"] = fpt
     ours["mfu"] = fpt * ours["tok_s_steady"] / rate
+    plat = jax.devices()[0].platform
+    name = f"scoring_{plat}{args.tag}"
+    common.save_results(name, res)  # saved after every phase: a time limit keeps what ran
 
     if not args.skip_torch:
         sys.path.insert(0, str(Path(__file__).parent))
@@ -106,14 +127,31 @@ def main(argv=None):
                 diffs.append(max(abs(c["L"] - r["L"]) / r["L"],
                                  abs(c["Brier"] - r["Brier"]) / r["Brier"]))
         res["max_rel_diff_vs_torch"] = max(diffs)
+        common.save_results(name, res)
 
-    plat = jax.devices()[0].platform
-    path = common.save_results(f"scoring_{plat}{args.tag}", res)
-    print(f"{'scorer':10} {'tok/s steady':>14} {'tok/s incl. start':>18} {'MFU':>7}")
-    for name in ("lark_jax", "torch"):
-        if name in res:
-            r = res[name]
-            print(f"{name:10} {r['tok_s_steady']:14,.0f} {r['tok_s_incl_startup']:18,.0f} "
+    for impl in filter(None, args.compare_attention.split(",")):
+        key = f"lark_jax_{impl}"
+        try:
+            _, _, r = run_ours(impl, impl)
+            r["mfu"] = fpt * r["tok_s_steady"] / rate
+            r["speedup_vs_default"] = r["tok_s_steady"] / ours["tok_s_steady"]
+            r["max_rel_diff_vs_default"] = _max_rel_diff(work / f"scores_{impl}2.json",
+                                                         work / "scores_jax2.json")
+            if "torch" in res:
+                r["speedup_vs_torch"] = r["tok_s_steady"] / res["torch"]["tok_s_steady"]
+        except Exception as e:  # a kernel that fails to lower is a result too
+            r = {"attention": impl, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+        res[key] = r
+        common.save_results(name, res)
+
+    path = common.RESULTS / f"{name}.json"
+    print(f"{'scorer':16} {'tok/s steady':>14} {'tok/s incl. start':>18} {'MFU':>7}")
+    for key, r in res.items():
+        if key.startswith(("lark_jax", "torch")) and isinstance(r, dict):
+            if "error" in r:
+                print(f"{key:16} failed: {r['error'][:200]}")
+                continue
+            print(f"{key:16} {r['tok_s_steady']:14,.0f} {r['tok_s_incl_startup']:18,.0f} "
                   f"{r['mfu']:7.1%}")
     if "speedup_steady" in res:
         print(f"speed-up (steady) {res['speedup_steady']:.2f}x, incl. start-up "

@@ -32,6 +32,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--micro-batch-tokens", type=int, default=16384)
+    ap.add_argument("--attention", default="auto",
+                    choices=["auto", "dense", "blockwise", "flash"])
     args = ap.parse_args(argv)
 
     import jax
@@ -48,8 +50,10 @@ def main(argv=None):
         for ln in open(pool):
             f.write(json.dumps({"messages": json.loads(ln)["messages"],
                                 "meta": {"train_weight": 1.0}}) + "\n")
-    student = lark_jax.load_student(student_dir, "float32", remat=args.remat)
+    student = lark_jax.load_student(student_dir, "float32", remat=args.remat,
+                                    attn_impl=args.attention)
     cfg = TrainConfig(lr=1e-5, batch_size=args.batch_size, dtype=args.dtype, remat=args.remat,
+                      attention=args.attention,
                       micro_batch_tokens=args.micro_batch_tokens)
     examples, _ = read_selection(sel, student.tokenizer, cfg.max_length)
     plan = StepPlan(len(examples), cfg.batch_size, 100, None, 0)

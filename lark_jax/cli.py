@@ -110,6 +110,7 @@ def _add_score(p):
                    help="positions whose float32 logits are held at once")
     p.add_argument("--model-parallel", type=int, default=1,
                    help="split parameters over this many devices (the mesh's model axis)")
+    _add_attention(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     g = p.add_argument_group("multi-host (TPU pods, several GPU hosts)")
     g.add_argument("--distributed", action="store_true",
@@ -141,9 +142,10 @@ def _run_score(args, rep: Reporter) -> None:
         devices = jax.local_devices()  # each host scores its own slice of the pool
         if jax.process_index() != 0:
             rep = Reporter(quiet=True)
+    _check_attention(args.attention)
     mesh = make_mesh(model=args.model_parallel, devices=devices)
     rep.info(f"loading {args.student} ({args.dtype}) on {mesh_summary(mesh)}")
-    student = load_student(args.student, dtype=args.dtype, mesh=mesh)
+    student = load_student(args.student, dtype=args.dtype, mesh=mesh, attn_impl=args.attention)
     total = _count_lines(args.pool)
     with rep.bar(total, "score", unit="traj") as advance:
         s = score_pool(student, args.pool, args.out, cfg, resume=args.resume,
@@ -152,6 +154,22 @@ def _run_score(args, rep: Reporter) -> None:
     rep.summary(f"scored {s.n_scored} trajectories of {s.n_problems} problems "
                 f"({s.n_skipped} skipped, {s.n_resumed} resumed); {s.tokens} tokens in "
                 f"{s.seconds:.1f}s ({rate:,.0f} tok/s) -> {s.out}")
+
+
+def _add_attention(p) -> None:
+    p.add_argument("--attention", default="auto",
+                   choices=["auto", "dense", "blockwise", "flash"],
+                   help="attention kernel: auto (dense for short rows, else blockwise), or "
+                        "flash = JAX's fused Pallas kernel (GPU only)")
+
+
+def _check_attention(impl: str) -> None:
+    import jax
+
+    if impl == "flash" and jax.default_backend() != "gpu":
+        # Off GPU the Pallas kernel could only run in its (very slow) interpreter.
+        raise LarkError(f"--attention flash needs a GPU (this run's backend is "
+                        f"{jax.default_backend()}); use auto or blockwise")
 
 
 def _count_lines(path: str) -> int | None:
@@ -192,6 +210,7 @@ def _add_train(p):
                         " merged into the weights at export")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha/R "
                    "(default alpha = 2R)")
+    _add_attention(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
 
@@ -204,8 +223,10 @@ def _run_train(args, rep: Reporter) -> None:
                       micro_batch_tokens=args.micro_batch_tokens, save_every=args.save_every,
                       keep=args.keep, seed=args.seed, dtype=args.dtype, remat=args.remat,
                       fsdp=args.fsdp, export_dtype=args.export_dtype,
-                      lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
+                      lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                      attention=args.attention)
     cfg.validate()
+    _check_attention(cfg.attention)
 
     with rep.bar(None, "train", unit="step") as advance:
         def progress(step, total, loss, tok_s):

@@ -189,6 +189,29 @@ def test_one_device_equals_eight(hf_students, tmp_path):
                                        [b["L"], b["Brier"], b["g_hat"]], rtol=1e-5)
 
 
+def test_flash_attention_scores_equal_default_on_one_and_eight_devices(hf_students, tmp_path):
+    """The fused kernel runs per device under shard_map: rows over "data", heads over
+    "model" (a 4 x 2 mesh); the scores equal the default path's on one device."""
+    d, _ = hf_students["qwen3_qknorm_headdim"]
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=3)
+    cfg = ScoreConfig(top_k=10, row_length=128, batch_tokens=1024, chunk_tokens=128)
+    runs = {"auto-1": (1, 1, "auto"), "flash-1": (1, 1, "flash"), "flash-8": (8, 2, "flash")}
+    out = {}
+    for name, (n, model, impl) in runs.items():
+        s = lark_jax.load_student(d, attn_impl=impl,
+                                  mesh=make_mesh(model=model, devices=jax.devices()[:n]))
+        score_pool(s, pool, tmp_path / f"{name}.json", cfg)
+        out[name] = json.loads((tmp_path / f"{name}.json").read_text())["scores"]
+    want = out["auto-1"]
+    for name in ("flash-1", "flash-8"):
+        assert out[name].keys() == want.keys()
+        for pid in want:
+            for a, b in zip(want[pid], out[name][pid], strict=True):
+                assert a["candidate_id"] == b["candidate_id"] and a["tokens"] == b["tokens"]
+                np.testing.assert_allclose([a["L"], a["Brier"], a["g_hat"]],
+                                           [b["L"], b["Brier"], b["g_hat"]], rtol=1e-5)
+
+
 def test_resume_after_interruption_loses_and_duplicates_nothing(hf_students, tmp_path):
     d, _ = hf_students["qwen2_bias_tied"]
     pool = write_pool(tmp_path / "pool.jsonl", n_problems=8)

@@ -118,6 +118,37 @@ def test_one_device_equals_eight_with_fsdp(hf_students, selection):
     np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
 
 
+def test_flash_attention_training_on_eight_devices_equals_default_on_one(hf_students,
+                                                                         selection):
+    """Training through the fused kernel's own backward pass (interpret mode on CPU),
+    per device under shard_map: the same losses and gradient norms."""
+    d, _ = hf_students["llama_tied_gqa"]
+    out = {}
+    for n, impl in ((1, "auto"), (8, "flash")):
+        mesh = make_mesh(devices=jax.devices()[:n])
+        student = lark_jax.load_student(d, mesh=mesh, attn_impl=impl)
+        examples, _ = read_selection(selection, student.tokenizer, 4096)
+        tr = Trainer(student.model, TrainConfig(lr=1e-3, attention=impl), 10, mesh)
+        idx = np.arange(len(examples))
+        out[impl] = [tr.step(step_microbatches(examples, idx[:6], 512, 8, row_multiple=n))
+                     for _ in range(2)]
+    np.testing.assert_allclose(np.asarray(out["flash"], float), np.asarray(out["auto"], float),
+                               rtol=1e-5)
+
+
+def test_flash_attention_is_refused_off_gpu(hf_students, selection, tmp_path, capsys):
+    from lark_jax.cli import main as cli_main
+
+    d, _ = hf_students["llama_tied_gqa"]
+    rc = cli_main(["train", "--data", str(selection), "--student", str(d), "--out",
+                   str(tmp_path / "run"), "--attention", "flash", "-q"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--attention flash needs a GPU" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(LarkError, match="--attention must be one of"):
+        TrainConfig(attention="flash2").validate()
+
+
 @pytest.mark.parametrize("content,match", [
     ("", "no trainable records"),
     ('{"messages": [{"role": "user", "content": "x"}], "meta": {}}\n',

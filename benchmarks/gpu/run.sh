@@ -7,7 +7,8 @@
 # before spending device time.
 #
 # Measures, in bf16 with a random Qwen2.5-1.5B-shaped student (28 layers, full vocabulary):
-#   scoring, lark-jax vs the PyTorch comparator, pools with median ~512 and ~4k tokens;
+#   scoring, lark-jax vs the PyTorch comparator, pools with median ~512 and ~4k tokens,
+#     then lark-jax again with the fused Pallas (Triton) attention kernel (--attention flash);
 #   SFT tokens/s; MFU of each against the bf16 matmul rate measured in the same process.
 set -uo pipefail
 OUT="${OUT:-benchmarks/results/gpu}"
@@ -35,10 +36,10 @@ step() {  # step NAME SCRIPT ARGS...: run with a time limit, keep the tail of it
 
 step scoring_median512 benchmarks/bench_scoring.py --shape 15b --layers "$L" --dtype bfloat16 \
   --n "$N512" --lo 256 --hi 1024 --batch-tokens 65536 --row-length 2048 \
-  --torch-device "$DEV" --tag _median512 --work "$W"
+  --torch-device "$DEV" --tag _median512 --work "$W" --compare-attention flash
 step scoring_median4k benchmarks/bench_scoring.py --shape 15b --layers "$L" --dtype bfloat16 \
   --n "$N4K" --lo 2048 --hi 8192 --batch-tokens 65536 --row-length 8192 \
-  --torch-device "$DEV" --tag _median4k --work "$W"
+  --torch-device "$DEV" --tag _median4k --work "$W" --compare-attention flash
 step training benchmarks/bench_training.py --shape 15b --layers "$L" --dtype bfloat16 \
   "${TRAIN[@]}" --tag _15b_bf16 --work "$W"
 ls -l "$OUT"

@@ -128,6 +128,9 @@ def _init(spec: ParamSpec, shape, dtype, rngs: nnx.Rngs):
     return (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+ATTN_IMPLS = ("auto", "dense", "blockwise", "flash")
+
+
 class Decoder(nnx.Module):
     """Causal LM. ``model(ids) -> logits``; ``hidden_states`` + ``logits`` for chunked heads.
 
@@ -136,16 +139,21 @@ class Decoder(nnx.Module):
       dtype: parameter and activation dtype (float32 or bfloat16); norms, softmax
         and attention scores are always computed in float32.
       remat: recompute each layer in the backward pass (training memory).
-      attn_impl: "auto" | "dense" | "blockwise" (see ``models.attention``).
+      attn_impl: "auto" | "dense" | "blockwise" | "flash" (see ``models.attention``);
+        "flash" applies to uncached calls, decoding with a KV cache uses "auto".
+      mesh: the mesh the parameters live on; "flash" runs its kernel per device on it.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, remat: bool = False,
-                 attn_impl: str = "auto", rngs: nnx.Rngs | None = None):
+                 attn_impl: str = "auto", mesh=None, rngs: nnx.Rngs | None = None):
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
         self.remat = remat
         self.attn_impl = attn_impl
+        self.mesh = mesh
         for spec in param_specs(cfg):
             if not spec.stacked:
                 setattr(self, spec.attr, nnx.Param(_init(spec, spec.shape, dtype, rngs)))
@@ -239,7 +247,10 @@ class Decoder(nnx.Module):
             k = lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
             v = lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
             new_kv = (k, v)
-        o = attention(q, k, v, impl=self.attn_impl, **ctx)
+        impl = self.attn_impl
+        if cache_kv is not None and impl == "flash":
+            impl = "auto"  # the fused kernel has no KV-cache mode
+        o = attention(q, k, v, impl=impl, mesh=self.mesh, **ctx)
         x = x + proj(o.reshape(b, t, cfg.q_dim), "o_proj", "o_bias")
         h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
 

@@ -173,6 +173,9 @@ def load_student(model_dir: str | Path, dtype="float32", *, mesh=None, tokenizer
       dtype: "float32" | "bfloat16" | "float16" (parameters and activations).
       mesh: a ("data", "model") mesh; default all devices on "data" (params replicated).
       tokenizer: also load the tokenizer (required by scoring and generation).
+      remat: recompute each decoder layer in the backward pass (training memory).
+      attn_impl: "auto" | "dense" | "blockwise" | "flash" (``lark_jax.models.attention``;
+        "flash" is the fused GPU kernel).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -181,7 +184,8 @@ def load_student(model_dir: str | Path, dtype="float32", *, mesh=None, tokenizer
     cfg = ModelConfig.from_file(model_dir / "config.json")
     tensors = _weight_index(model_dir)
     mesh = mesh if mesh is not None else make_mesh()
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, remat=remat, attn_impl=attn_impl))
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, remat=remat, attn_impl=attn_impl,
+                                              mesh=mesh))
     graphdef, state = nnx.split(abstract)
     pure: dict[str, Any] = {"layers": {}}
     for spec in param_specs(cfg):

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from lark_jax import fsio
 from lark_jax.errors import LarkError
-from lark_jax.models.decoder import Decoder
+from lark_jax.models.decoder import ATTN_IMPLS, Decoder
 from lark_jax.models.io import load_student, resolve_dtype, save_student
 from lark_jax.parallel import data_sharding, make_mesh
 from lark_jax.training.data import StepPlan, read_selection, step_microbatches
@@ -60,6 +60,7 @@ class TrainConfig:
     export_dtype: str = "float32"
     lora_rank: int = 0  # 0 = full fine-tuning
     lora_alpha: float | None = None  # scale = alpha / rank (default alpha = 2 * rank)
+    attention: str = "auto"  # "auto" | "dense" | "blockwise" | "flash" (models.attention)
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "max_length", "keep", "micro_batch_tokens"):
@@ -73,6 +74,8 @@ class TrainConfig:
             raise LarkError("--lora-rank must be >= 0")
         if self.save_every is not None and self.save_every < 1:
             raise LarkError("--save-every must be >= 1")
+        if self.attention not in ATTN_IMPLS:
+            raise LarkError(f"--attention must be one of {', '.join(ATTN_IMPLS)}")
         resolve_dtype(self.dtype)
         resolve_dtype(self.export_dtype)
 
@@ -154,7 +157,7 @@ class Trainer:
         self.graphdef = graphdef
         self.graphdef_c, _ = nnx.split(nnx.eval_shape(
             lambda: Decoder(model.cfg, dtype=compute, remat=cfg.remat,
-                            attn_impl=model.attn_impl)))
+                            attn_impl=model.attn_impl, mesh=model.mesh)))
         if cfg.fsdp:
             params = jax.tree.map(lambda x: jax.device_put(x, _fsdp_sharding(mesh, x)), params)
         # With LoRA the optimiser sees only the factors; the base weights stay frozen.
@@ -246,7 +249,8 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
         raise LarkError("run directory already has checkpoints; pass --resume to continue or "
                         "choose a new --out", where=str(out_dir))
     mesh = mesh if mesh is not None else make_mesh()
-    student = load_student(student_dir, "float32", mesh=mesh, remat=cfg.remat)
+    student = load_student(student_dir, "float32", mesh=mesh, remat=cfg.remat,
+                           attn_impl=cfg.attention)
     examples, n_skipped = read_selection(data, student.tokenizer, cfg.max_length)
     plan = StepPlan(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.seed)
     total = plan.total_steps
