@@ -20,14 +20,20 @@ QWEN15B = dict(hidden_size=1536, num_heads=12, num_kv_heads=2, head_dim=128,
                intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True)
 
 
-SHAPES = {"05b": QWEN05B, "15b": QWEN15B}
+# A small student whose device work is light enough to show host-side costs (tokenizing,
+# packing) in scoring throughput.
+SMALL = dict(hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
+             intermediate_size=256, vocab_size=512, tie_word_embeddings=True)
+
+SHAPES = {"05b": QWEN05B, "15b": QWEN15B, "small": SMALL}
 
 
 def add_student_args(ap) -> None:
     """--layers/--shape/--tag/--work, shared by the benchmarks that build a random student."""
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--shape", default="05b", choices=sorted(SHAPES),
-                    help="Qwen2.5-0.5B or -1.5B layer shapes (random weights)")
+                    help="Qwen2.5-0.5B or -1.5B layer shapes, or a small host-bound one "
+                         "(random weights)")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--work", default=None, help="directory for the model and pool (cached)")
 

@@ -111,6 +111,8 @@ def _add_score(p):
     p.add_argument("--model-parallel", type=int, default=1,
                    help="split parameters over this many devices (the mesh's model axis)")
     _add_attention(p)
+    p.add_argument("--prefetch", type=int, default=4,
+                   help="batches a host thread reads, tokenizes and packs ahead (0: inline)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     g = p.add_argument_group("multi-host (TPU pods, several GPU hosts)")
     g.add_argument("--distributed", action="store_true",
@@ -130,7 +132,8 @@ def _run_score(args, rep: Reporter) -> None:
 
     cfg = ScoreConfig(top_k=args.top_k, brier=args.brier, max_length=args.max_length,
                       batch_tokens=args.batch_tokens, row_length=args.row_length,
-                      chunk_tokens=args.chunk_tokens, estimator=args.estimator)
+                      chunk_tokens=args.chunk_tokens, estimator=args.estimator,
+                      prefetch=args.prefetch)
     cfg.validate()
     devices = None
     if args.distributed or args.coordinator:

@@ -125,3 +125,18 @@ def preempt_at(step: int):
         if done == step:
             raise Preempted
     return progress
+
+
+def spy_flash(monkeypatch) -> list:
+    """Count traces of the fused attention kernel (a test that means to use it must)."""
+    from lark_jax.models import attention
+
+    calls = []
+    real = attention.flash_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "flash_attention", spy)
+    return calls

@@ -102,16 +102,23 @@ def _packed_case(rng, b, t, h, kvh, d):
     return q, k, v, seg, mask
 
 
-def test_flash_attention_matches_float64_oracle():
+@pytest.mark.parametrize("t,d,dtype,tol", [(37, 24, "float32", 1e-5),
+                                           (150, 128, "float32", 1e-5),
+                                           (150, 64, "bfloat16", 3e-2)])
+def test_flash_attention_matches_float64_oracle(t, d, dtype, tol):
     """The fused Pallas kernel (interpret mode on CPU): grouped heads, a head size that
-    is not a power of two, a length that is not a multiple of its 128-block, packing."""
+    is not a power of two, lengths that are not a multiple of its block, packing; the
+    float32 / head size 128 case takes the smaller 64-blocks."""
     rng = np.random.RandomState(5)
-    q, k, v, seg, mask = _packed_case(rng, 2, 37, 4, 2, 24)
+    q, k, v, seg, mask = _packed_case(rng, 2, t, 4, 2, d)
+    q, k, v = (x.astype(dtype).astype(np.float32) for x in (q, k, v))  # the oracle's inputs
     want = _np_attention(q, k, v, mask)
-    got = np.asarray(flash_attention(*(jnp.asarray(x) for x in (q, k, v, seg))))
+    got = flash_attention(*(jnp.asarray(x, dtype) for x in (q, k, v)), jnp.asarray(seg))
+    assert got.dtype == jnp.dtype(dtype)
+    got = np.asarray(got, np.float32)
     real = seg >= 0
     assert got.shape == want.shape
-    assert np.abs(got - want)[real].max() < 1e-5
+    assert np.abs(got - want)[real].max() < tol
 
 
 def test_flash_attention_gradients_equal_dense():

@@ -7,7 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import Preempted, one_device, preempt_at, write_pool, write_selection
+from conftest import (
+    Preempted,
+    one_device,
+    preempt_at,
+    spy_flash,
+    write_pool,
+    write_selection,
+)
 
 import lark_jax
 from lark_jax import LarkError
@@ -119,11 +126,12 @@ def test_one_device_equals_eight_with_fsdp(hf_students, selection):
 
 
 def test_flash_attention_training_on_eight_devices_equals_default_on_one(hf_students,
-                                                                         selection):
+                                                                         selection, monkeypatch):
     """Training through the fused kernel's own backward pass (interpret mode on CPU),
     per device under shard_map: the same losses and gradient norms."""
     d, _ = hf_students["llama_tied_gqa"]
     out = {}
+    traced = spy_flash(monkeypatch)
     for n, impl in ((1, "auto"), (8, "flash")):
         mesh = make_mesh(devices=jax.devices()[:n])
         student = lark_jax.load_student(d, mesh=mesh, attn_impl=impl)
@@ -132,6 +140,7 @@ def test_flash_attention_training_on_eight_devices_equals_default_on_one(hf_stud
         idx = np.arange(len(examples))
         out[impl] = [tr.step(step_microbatches(examples, idx[:6], 512, 8, row_multiple=n))
                      for _ in range(2)]
+    assert traced
     np.testing.assert_allclose(np.asarray(out["flash"], float), np.asarray(out["auto"], float),
                                rtol=1e-5)
 
@@ -145,6 +154,12 @@ def test_flash_attention_is_refused_off_gpu(hf_students, selection, tmp_path, ca
     err = capsys.readouterr().err
     assert rc != 0 and "--attention flash needs a GPU" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=1)
+    rc = cli_main(["score", "--pool", str(pool), "--student", str(d), "--out",
+                   str(tmp_path / "s.json"), "--attention", "flash", "-q"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--attention flash needs a GPU" in err and "Traceback" not in err
+    assert not (tmp_path / "s.json").exists()
     with pytest.raises(LarkError, match="--attention must be one of"):
         TrainConfig(attention="flash2").validate()
 

@@ -10,16 +10,20 @@
 #   scoring, lark-jax vs the PyTorch comparator, pools with median ~512 and ~4k tokens,
 #     then lark-jax again with the fused Pallas (Triton) attention kernel (--attention flash);
 #   SFT tokens/s; MFU of each against the bf16 matmul rate measured in the same process.
+# First a quick check that the fused attention kernel compiles and equals dense attention
+# (forward and backward); last, SFT with that kernel, in whatever time is left.
 set -uo pipefail
 OUT="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$OUT"
 export LARK_BENCH_RESULTS="$OUT" PYTHONPATH="$PWD:${PYTHONPATH:-}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and torch share the card in one process
+START=$(date +%s)
+BUDGET="${BUDGET:-530}"  # seconds for all steps: the device call's limit, less start-up
 if [ "${DRY:-0}" = 1 ]; then
-  DEV=cpu; L=1; N512=4; N4K=2; T=900
+  DEV=cpu; L=1; N512=4; N4K=2; T=900; BUDGET=100000; SMALL=--small
   TRAIN=(--steps 1 --batch-size 2 --n 4 --lo 128 --hi 256 --micro-batch-tokens 1024)
 else
-  DEV=cuda; L=28; N512=512; N4K=48; T=170  # 3 steps fit a 540 s device call
+  DEV=cuda; L=28; N512=512; N4K=48; T=150; SMALL=
   TRAIN=(--steps 4 --batch-size 16 --n 64 --lo 512 --hi 2048 --micro-batch-tokens 8192)
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"; } \
@@ -28,12 +32,16 @@ python -c "import jax, flax, transformers, torch; print(jax.__version__, flax.__
 transformers.__version__, torch.__version__, jax.devices())" > "$OUT/versions.txt" 2>&1
 W=$(mktemp -d)
 
-step() {  # step NAME SCRIPT ARGS...: run with a time limit, keep the tail of its output
+step() {  # step NAME SCRIPT ARGS...: run within min(T, what is left of BUDGET)
   local name=$1; shift
-  echo "== $name"
-  timeout "$T" python "$@" 2>&1 | grep -v "Loading weights" | tail -n 15 | tee "$OUT/$name.log"
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  local limit=$(( left < T ? left : T ))
+  if [ "$limit" -lt 30 ]; then echo "== $name: skipped, ${left}s left" | tee "$OUT/$name.log"; return; fi
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" python "$@" 2>&1 | grep -v "Loading weights" | tail -n 15 | tee "$OUT/$name.log"
 }
 
+T=90 step flash_check benchmarks/gpu/check_flash.py $SMALL
 step scoring_median512 benchmarks/bench_scoring.py --shape 15b --layers "$L" --dtype bfloat16 \
   --n "$N512" --lo 256 --hi 1024 --batch-tokens 65536 --row-length 2048 \
   --torch-device "$DEV" --tag _median512 --work "$W" --compare-attention flash
@@ -42,4 +50,6 @@ step scoring_median4k benchmarks/bench_scoring.py --shape 15b --layers "$L" --dt
   --torch-device "$DEV" --tag _median4k --work "$W" --compare-attention flash
 step training benchmarks/bench_training.py --shape 15b --layers "$L" --dtype bfloat16 \
   "${TRAIN[@]}" --tag _15b_bf16 --work "$W"
+step training_flash benchmarks/bench_training.py --shape 15b --layers "$L" --dtype bfloat16 \
+  "${TRAIN[@]}" --tag _15b_bf16_flash --work "$W" --attention flash
 ls -l "$OUT"

@@ -2,8 +2,12 @@
 
 Rows computed so far are appended to ``OUT.partial.jsonl`` (flushed and
 fsynced after every batch). ``resume=True`` skips every record already in
-the sidecar, so a crash or preemption loses at most the batch in flight; the
-final JSON is written to a temporary file and renamed into place.
+the sidecar, so a crash or preemption loses at most the two batches in flight;
+the final JSON is written to a temporary file and renamed into place.
+
+The host never makes the device wait: a thread reads, tokenizes and packs
+``prefetch`` batches ahead (``lark_jax.data.prefetch``), and each batch is
+dispatched before the previous one's results are fetched.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from lark_jax import fsio
 from lark_jax.data.chat import Tokenized, tokenize_record
 from lark_jax.data.packing import PackedBatch, best_fit_rows, build_batch
 from lark_jax.data.pool import Record, iter_pool
+from lark_jax.data.prefetch import prefetch
 from lark_jax.errors import LarkError
 from lark_jax.learnability.kernel import STATS, score_batch
 from lark_jax.learnability.scores import build_scores
@@ -43,6 +48,7 @@ class ScoreConfig:
     chunk_tokens: int = 1024  # positions whose float32 logits exist at once
     window_tokens: int = 1 << 20  # records tokenized and packed together
     estimator: str = "proxy"  # "proxy" (Brier/L, the paper) | "gradient" (‖∇θ L‖²/L, exact)
+    prefetch: int = 4  # packed batches a host thread prepares ahead (0: all work inline)
 
     def validate(self) -> None:
         if self.brier not in ("topk", "full"):
@@ -55,6 +61,8 @@ class ScoreConfig:
             raise LarkError(f"--estimator must be proxy or gradient, got {self.estimator!r}")
         if self.row_length < 16 or self.row_length & (self.row_length - 1):
             raise LarkError("--row-length must be a power of two >= 16")
+        if self.prefetch < 0:
+            raise LarkError("--prefetch must be >= 0")
 
 
 def _bucket(n: int, row_length: int = 16) -> int:
@@ -203,40 +211,17 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
     top_k = min(cfg.top_k, student.config.vocab_size)  # a tiny vocabulary may have fewer than K
     tokens = padded = 0
 
-    def run_window(records: list[Record], items: list[Tokenized]) -> None:
-        nonlocal tokens, padded
+    def window_work(records: list[Record], items: list[Tokenized]):
         skipped = [r for r, t in zip(records, items, strict=True) if t.n_targets == 0]
         if skipped:
-            sidecar.append([{"skipped": True, "problem_id": r.problem_id,
-                             "candidate_id": r.candidate_id} for r in skipped])
+            yield "skip", skipped, None
         keep = [(r, t) for r, t in zip(records, items, strict=True) if t.n_targets > 0]
         recs, toks = [r for r, _ in keep], [t for _, t in keep]
         for batch in _batches(toks, cfg, n_data):
-            # Placed on the devices once, used by the proxy kernel and the gradient estimator.
-            arrays = [jax.device_put(x, data_sharding(mesh, 2)) for x in
-                      (batch.ids, batch.positions, batch.segments, batch.targets, batch.weights)]
-            sums = _run_batch(graphdef, state, arrays, batch, cfg, top_k, mesh)
-            grads = _run_grad(graphdef, state, arrays, cfg) \
-                if cfg.estimator == "gradient" else None
-            rows = []
-            for r, s, i in batch.slots:
-                v = sums[r, s]
-                rec = recs[i]
-                row = {"problem_id": rec.problem_id, "candidate_id": rec.candidate_id,
-                       "teacher": rec.teacher}
-                row.update({k: float(x) for k, x in zip(STATS, v, strict=True)})
-                row["tokens"] = int(round(row["tokens"]))
-                if grads is not None:
-                    row["grad_sq"] = float(grads[r])
-                rows.append(row)
-            sidecar.append(rows)
-            n_tok = sum(r["tokens"] for r in rows)
-            tokens += n_tok
-            padded += batch.ids.size
-            if progress is not None:
-                progress(len(rows), tokens=n_tok)
+            yield "batch", recs, batch
 
-    try:
+    def host_work():
+        """Pool order: read, tokenize, pack (the part a host thread runs ahead)."""
         records: list[Record] = []
         items: list[Tokenized] = []
         window = 0
@@ -249,10 +234,54 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
             items.append(t)
             window += len(t.ids)
             if window >= cfg.window_tokens:
-                run_window(records, items)
+                yield from window_work(records, items)
                 records, items, window = [], [], 0
         if records:
-            run_window(records, items)
+            yield from window_work(records, items)
+
+    def finish(batch: PackedBatch, recs: list[Record], sums, grads) -> None:
+        """Wait for a dispatched batch; append its rows to the sidecar."""
+        nonlocal tokens, padded
+        sums = np.asarray(sums, np.float64)
+        grads = None if grads is None else np.asarray(grads, np.float64)
+        rows = []
+        for r, s, i in batch.slots:
+            rec = recs[i]
+            row = {"problem_id": rec.problem_id, "candidate_id": rec.candidate_id,
+                   "teacher": rec.teacher}
+            row.update({k: float(x) for k, x in zip(STATS, sums[r, s], strict=True)})
+            row["tokens"] = int(round(row["tokens"]))
+            if grads is not None:
+                row["grad_sq"] = float(grads[r])
+            rows.append(row)
+        sidecar.append(rows)
+        n_tok = sum(r["tokens"] for r in rows)
+        tokens += n_tok
+        padded += batch.ids.size
+        if progress is not None:
+            progress(len(rows), tokens=n_tok)
+
+    work = prefetch(host_work(), cfg.prefetch)
+    try:
+        # One batch in flight: batch i+1 is dispatched (JAX runs it asynchronously)
+        # before batch i's results are fetched, so the device never waits on the host.
+        pending = None
+        for kind, recs, batch in work:
+            if kind == "skip":
+                sidecar.append([{"skipped": True, "problem_id": r.problem_id,
+                                 "candidate_id": r.candidate_id} for r in recs])
+                continue
+            # Placed on the devices once, used by the proxy kernel and the gradient estimator.
+            arrays = [jax.device_put(x, data_sharding(mesh, 2)) for x in
+                      (batch.ids, batch.positions, batch.segments, batch.targets, batch.weights)]
+            sums = _run_batch(graphdef, state, arrays, batch, cfg, top_k, mesh)
+            grads = _run_grad(graphdef, state, arrays, cfg) \
+                if cfg.estimator == "gradient" else None
+            if pending is not None:
+                finish(*pending)
+            pending = (batch, recs, sums, grads)
+        if pending is not None:
+            finish(*pending)
         rows, skipped = sidecar.rows, sidecar.skipped
         if n_proc > 1:
             rows, skipped = _gather_sidecars(out, n_proc)
@@ -274,6 +303,7 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
         if n_proc > 1:
             _barrier("lark_jax_score_written")
     except BaseException:
+        work.close()  # stop the host thread
         # A run that failed before finishing any row leaves nothing behind.
         sidecar.close(remove=sidecar.created and not (sidecar.rows or sidecar.skipped))
         raise
@@ -308,18 +338,17 @@ def _gather_sidecars(out: Path, n_proc: int):
     return rows, skipped
 
 
-def _run_grad(graphdef, state, arrays, cfg: ScoreConfig) -> np.ndarray:
+def _run_grad(graphdef, state, arrays, cfg: ScoreConfig) -> jax.Array:
     from lark_jax.learnability.gradient import grad_sq_norms
 
-    return np.asarray(grad_sq_norms(graphdef, state, *arrays, chunk_tokens=cfg.chunk_tokens),
-                      np.float64)
+    return grad_sq_norms(graphdef, state, *arrays, chunk_tokens=cfg.chunk_tokens)
 
 
 def _run_batch(graphdef, state, arrays, batch: PackedBatch, cfg: ScoreConfig, top_k: int,
-               mesh) -> np.ndarray:
+               mesh) -> jax.Array:
     max_seg = max(1, max(s for _, s, _ in batch.slots) + 1) if batch.slots else 1
     # A few static segment counts (powers of two) keep the number of programs small.
     max_seg = 1 << math.ceil(math.log2(max_seg)) if max_seg > 1 else 1
-    out = score_batch(graphdef, state, *arrays, top_k=top_k, max_segments=max_seg,
-                      chunk_tokens=cfg.chunk_tokens, mesh=mesh)
-    return np.asarray(out, np.float64)
+    # Returned undone: the caller fetches it after dispatching the next batch.
+    return score_batch(graphdef, state, *arrays, top_k=top_k, max_segments=max_seg,
+                       chunk_tokens=cfg.chunk_tokens, mesh=mesh)

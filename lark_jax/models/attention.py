@@ -137,6 +137,10 @@ def flash_attention(q, k, v, seg, *, mesh=None):
     output), and K/V heads are repeated to H (the kernel has no grouped heads).
     With a mesh, each device runs the kernel on its own rows (and heads, when
     they split over "model"), since XLA cannot partition a custom kernel itself.
+
+    Costs to know: the kernel skips tiles above the diagonal but not tiles of other
+    segments (``blockwise`` skips both), and the repeated K/V are H/Hkv times larger.
+    On a GPU, float32 inputs multiply in TF32, as XLA's default float32 matmuls do.
     """
     from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
@@ -148,11 +152,16 @@ def flash_attention(q, k, v, seg, *, mesh=None):
     q, k, v = (_pad_to(x, dp, 3, 0) for x in (q, k, v))
     q, k, v = (_pad_to(x, FLASH_BLOCK, 1, 0) for x in (q, k, v))
     seg = _pad_to(seg, FLASH_BLOCK, 1, -2)  # padding queries/keys see only each other
-    interpret = jax.default_backend() != "gpu"
+    devices = mesh.devices.flat if mesh is not None else jax.devices()
+    interpret = next(iter(devices)).platform != "gpu"
+    # float32 tiles of 128 x 128 with head size >= 128 would not fit in shared memory.
+    blk = 64 if q.dtype.itemsize >= 4 and dp >= 128 else FLASH_BLOCK
+    sizes = pallas_attention.BlockSizes(block_q=blk, block_k=blk, block_q_dkv=32,
+                                        block_kv_dkv=32, block_q_dq=32, block_kv_dq=32)
 
     def run(q, k, v, seg):
         return pallas_attention.mha(q, k, v, seg, sm_scale=d**-0.5, causal=True,
-                                    interpret=interpret)
+                                    block_sizes=sizes, interpret=interpret)
 
     if mesh is not None and mesh.size > 1:
         n_data, n_model = mesh.shape.get("data", 1), mesh.shape.get("model", 1)

@@ -157,7 +157,7 @@ class Trainer:
         self.graphdef = graphdef
         self.graphdef_c, _ = nnx.split(nnx.eval_shape(
             lambda: Decoder(model.cfg, dtype=compute, remat=cfg.remat,
-                            attn_impl=model.attn_impl, mesh=model.mesh)))
+                            attn_impl=model.attn_impl, mesh=mesh)))
         if cfg.fsdp:
             params = jax.tree.map(lambda x: jax.device_put(x, _fsdp_sharding(mesh, x)), params)
         # With LoRA the optimiser sees only the factors; the base weights stay frozen.
