@@ -1,5 +1,6 @@
 """Scoring: kernel vs float64 NumPy, end to end vs transformers logits, devices, resume."""
 
+import itertools
 import json
 import threading
 
@@ -14,6 +15,8 @@ from hypothesis import strategies as st
 
 import lark_jax
 from lark_jax import LarkError
+from lark_jax.data.chat import tokenize_record
+from lark_jax.data.pool import iter_pool
 from lark_jax.data.prefetch import prefetch
 from lark_jax.learnability.kernel import blocked_top_k, token_stats
 from lark_jax.learnability.runner import ScoreConfig, score_pool
@@ -239,12 +242,13 @@ def test_prefetch_thread_stops_when_the_consumer_stops():
             produced.append(i)
             yield i
 
+    before = {t.ident for t in threading.enumerate()}
     it = prefetch(gen(), 2)
     assert [next(it) for _ in range(3)] == [0, 1, 2]
+    (thread,) = [t for t in threading.enumerate() if t.ident not in before]
     it.close()
-    n = len(produced)
-    assert not any(t.name == "lark-jax-prefetch" for t in threading.enumerate())
-    assert n < 10 and len(produced) == n  # it ran only a few items ahead, then stopped
+    assert not thread.is_alive()  # close() stopped and joined it
+    assert len(produced) < 10  # it ran only a few items ahead
 
 
 def test_prefetched_scoring_equals_inline_scoring(hf_students, tmp_path):
@@ -265,6 +269,34 @@ def test_prefetched_scoring_equals_inline_scoring(hf_students, tmp_path):
         assert summary.n_scored == 24 and summary.n_skipped == 1
         out[n] = (tmp_path / f"p{n}.json").read_text()
     assert out[0] == out[1] == out[4]
+
+
+@pytest.mark.parametrize("prefetch_size", [0, 4])
+def test_bad_line_mid_pool_keeps_every_batch_already_computed(hf_students, tmp_path,
+                                                              prefetch_size):
+    """The error names the line, and each window scored before it (including the batch
+    still in flight) is in the sidecar for --resume."""
+    d, _ = hf_students["llama_tied_gqa"]
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=8)
+    with open(pool, "a") as f:
+        f.write('{"problem_id": oops\n')
+    s = lark_jax.load_student(d, mesh=make_mesh(devices=jax.devices()[:1]))
+    cfg = ScoreConfig(top_k=10, row_length=128, batch_tokens=256, window_tokens=300,
+                      prefetch=prefetch_size)
+    with pytest.raises(LarkError, match="pool.jsonl:25"):
+        score_pool(s, pool, tmp_path / "s.json", cfg)
+    # Records of complete windows: the window closes once it holds >= 300 tokens.
+    lengths = [len(tokenize_record(s.tokenizer, r.messages, cfg.max_length).ids)
+               for r in itertools.islice(iter_pool(pool), 24)]
+    complete = window = 0
+    for i, n in enumerate(lengths, 1):
+        window += n
+        if window >= cfg.window_tokens:
+            complete, window = i, 0
+    side = [json.loads(x) for x in (tmp_path / "s.json.partial.jsonl").read_text().splitlines()]
+    rows = [r for r in side if "problem_id" in r]
+    assert 0 < complete < 24 and len(rows) == complete
+    assert len({(r["problem_id"], r["candidate_id"]) for r in rows}) == complete
 
 
 def test_resume_after_interruption_loses_and_duplicates_nothing(hf_students, tmp_path):

@@ -28,7 +28,8 @@ def prefetch(items: Iterable[T], size: int) -> Iterator[T]:
     """Iterate ``items``, produced up to ``size`` ahead by a daemon thread (0: inline).
 
     Closing the returned generator (or an exception in the consumer) stops the
-    producer at its next item.
+    producer at its next item; an iterator that can take long between items should
+    check a stop flag of its own (the scoring runner checks one per record).
     """
     if size <= 0:
         yield from items
@@ -58,7 +59,13 @@ def prefetch(items: Iterable[T], size: int) -> Iterator[T]:
     thread.start()
     try:
         while True:
-            kind, value = q.get()
+            try:
+                kind, value = q.get(timeout=1.0)
+            except queue.Empty:
+                if thread.is_alive():
+                    continue
+                # The producer posts before it exits; this is only a safety net.
+                raise RuntimeError("prefetch thread ended without a result") from None
             if kind == _END:
                 return
             if kind == _ERROR:

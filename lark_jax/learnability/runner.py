@@ -5,17 +5,19 @@ fsynced after every batch). ``resume=True`` skips every record already in
 the sidecar, so a crash or preemption loses at most the two batches in flight;
 the final JSON is written to a temporary file and renamed into place.
 
-The host never makes the device wait: a thread reads, tokenizes and packs
+The host rarely makes the device wait: a thread reads, tokenizes and packs
 ``prefetch`` batches ahead (``lark_jax.data.prefetch``), and each batch is
 dispatched before the previous one's results are fetched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -226,6 +228,8 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
         items: list[Tokenized] = []
         window = 0
         for index, rec in enumerate(iter_pool(pool)):
+            if stop.is_set():
+                return
             if index % n_proc != proc or rec.key in done:
                 continue
             t = tokenize_record(student.tokenizer, rec.messages, cfg.max_length,
@@ -261,11 +265,13 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
         if progress is not None:
             progress(len(rows), tokens=n_tok)
 
+    stop = threading.Event()  # set on failure: the host thread stops at its next record
     work = prefetch(host_work(), cfg.prefetch)
+    # One batch in flight: batch i+1 is dispatched (JAX runs it asynchronously) before
+    # batch i's results are fetched, so the device waits on the host only for what the
+    # main thread itself does per batch (dispatch, a new shape's compilation, the sidecar).
+    pending = None
     try:
-        # One batch in flight: batch i+1 is dispatched (JAX runs it asynchronously)
-        # before batch i's results are fetched, so the device never waits on the host.
-        pending = None
         for kind, recs, batch in work:
             if kind == "skip":
                 sidecar.append([{"skipped": True, "problem_id": r.problem_id,
@@ -278,10 +284,12 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
             grads = _run_grad(graphdef, state, arrays, cfg) \
                 if cfg.estimator == "gradient" else None
             if pending is not None:
-                finish(*pending)
+                done_batch, pending = pending, None
+                finish(*done_batch)
             pending = (batch, recs, sums, grads)
         if pending is not None:
-            finish(*pending)
+            done_batch, pending = pending, None
+            finish(*done_batch)
         rows, skipped = sidecar.rows, sidecar.skipped
         if n_proc > 1:
             rows, skipped = _gather_sidecars(out, n_proc)
@@ -302,10 +310,18 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
         fsio.atomic_json(out, result)
         if n_proc > 1:
             _barrier("lark_jax_score_written")
-    except BaseException:
-        work.close()  # stop the host thread
-        # A run that failed before finishing any row leaves nothing behind.
-        sidecar.close(remove=sidecar.created and not (sidecar.rows or sidecar.skipped))
+    except BaseException as failure:
+        try:
+            stop.set()
+            work.close()  # waits for the host thread, at most one record's work
+            if pending is not None and isinstance(failure, Exception):
+                # An error elsewhere (a bad pool line, ...): keep the batch already
+                # computed, so --resume need not redo it. An interrupt does not wait.
+                with contextlib.suppress(Exception):
+                    finish(*pending)
+        finally:
+            # A run that failed before finishing any row leaves nothing behind.
+            sidecar.close(remove=sidecar.created and not (sidecar.rows or sidecar.skipped))
         raise
     sidecar.close(remove=True)
     return ScoreSummary(len(problems), len(rows), len(skipped), n_resumed, tokens, padded,
