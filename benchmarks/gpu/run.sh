@@ -2,6 +2,8 @@
 # One prepared GPU run (H100/H200 image with jax, flax, optax, orbax, transformers, torch;
 # no downloads). From the repository root:
 #     OUT=/some/dir bash benchmarks/gpu/run.sh
+# All steps share BUDGET=530 s (each at most 150 s), so the whole script fits one
+# 600 s device call: give that call timeout_s 580 or so.
 # Every result JSON and log goes to $OUT. DRY=1 rehearses the same steps on the CPU with
 # a one-layer student and a handful of trajectories (minutes), to catch script errors
 # before spending device time.
