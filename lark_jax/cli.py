@@ -67,7 +67,9 @@ def _run_generate(args, rep: Reporter) -> None:
                         args.seed, batch_size=args.batch_size, progress=advance)
     for m, o in zip(messages, outs, strict=True):
         print(json.dumps({"prompt": m, "completion": o}, ensure_ascii=False))
-    rep.summary(f"generated {len(outs)} completion(s) in {time.perf_counter() - t0:.1f}s")
+    # stdout carries the JSON lines: the summary goes to stderr
+    rep.summary(f"generated {len(outs)} completion(s) in {time.perf_counter() - t0:.1f}s",
+                stderr=True)
 
 
 # -- make-tiny -------------------------------------------------------------------------
@@ -85,6 +87,11 @@ def _add_make_tiny(p):
 def _run_make_tiny(args, rep: Reporter) -> None:
     from lark_jax.models.tiny import make_tiny_student
 
+    if args.layers < 1:
+        raise LarkError("--layers must be >= 1")
+    if args.hidden_size < 8 or args.hidden_size % 8:
+        # 4 heads of an even size (rotary embeddings pair dimensions)
+        raise LarkError("--hidden-size must be a positive multiple of 8")
     out = make_tiny_student(args.out, args.family, seed=args.seed, overwrite=args.overwrite,
                             hidden_size=args.hidden_size, num_layers=args.layers)
     rep.summary(f"wrote a random tiny {args.family} student to {out}")
@@ -150,9 +157,15 @@ def _run_score(args, rep: Reporter) -> None:
     rep.info(f"loading {args.student} ({args.dtype}) on {mesh_summary(mesh)}")
     student = load_student(args.student, dtype=args.dtype, mesh=mesh, attn_impl=args.attention)
     total = _count_lines(args.pool)
+    done_tokens = 0
+
+    def progress(n, tokens):
+        nonlocal done_tokens
+        done_tokens += tokens
+        advance(n, tokens=f"{done_tokens:,}")
+
     with rep.bar(total, "score", unit="traj") as advance:
-        s = score_pool(student, args.pool, args.out, cfg, resume=args.resume,
-                       progress=lambda n, tokens: advance(n, tok=tokens))
+        s = score_pool(student, args.pool, args.out, cfg, resume=args.resume, progress=progress)
     rate = s.tokens / s.seconds if s.seconds > 0 else 0.0
     rep.summary(f"scored {s.n_scored} trajectories of {s.n_problems} problems "
                 f"({s.n_skipped} skipped, {s.n_resumed} resumed); {s.tokens} tokens in "
@@ -236,7 +249,8 @@ def _run_train(args, rep: Reporter) -> None:
             advance(1, loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", total=total)
 
         s = train(args.student, args.data, args.out, cfg, resume=args.resume, progress=progress)
-    rep.summary(f"trained {s.steps} steps (resumed from {s.resumed_from}); final loss "
+    resumed = f" (resumed from step {s.resumed_from})" if s.resumed_from else ""
+    rep.summary(f"trained {s.steps} steps{resumed}; final loss "
                 f"{s.final_loss:.4f}; {s.tokens} tokens in {s.seconds:.1f}s -> {s.final_dir}")
 
 

@@ -14,3 +14,9 @@ class LarkError(Exception):
     def __init__(self, message: str, *, where: str | None = None):
         self.where = where
         super().__init__(f"{where}: {message}" if where else message)
+
+
+def json_msg(e) -> str:
+    """A JSONDecodeError's message without the dangling "at" some messages end with
+    (the caller adds the position)."""
+    return e.msg.removesuffix(" at")

@@ -46,6 +46,7 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+UMASK = _UMASK  # for directories created with mkdtemp (0700) that become outputs
 
 
 @contextlib.contextmanager

@@ -47,6 +47,7 @@ class Reporter:
         if self.verbose:
             print(msg, file=sys.stderr, flush=True)
 
-    def summary(self, msg: str) -> None:
-        """The final one-line result, always on stdout."""
-        print(msg, flush=True)
+    def summary(self, msg: str, stderr: bool = False) -> None:
+        """The final one-line result, always shown: on stdout, or on stderr for commands
+        whose stdout is data (``generate``, ``eval --aggregate``)."""
+        print(msg, file=sys.stderr if stderr else sys.stdout, flush=True)

@@ -85,6 +85,51 @@ def test_missing_tokenizer(tiny_dir):
     assert lark_jax.load_student(tiny_dir, tokenizer=False).tokenizer is None
 
 
+def test_tokenizer_without_vocabulary_is_refused(tiny_dir):
+    """With tokenizer.json gone, transformers would build a tokenizer of special tokens
+    only, and every trajectory would score as one token."""
+    (tiny_dir / "tokenizer.json").unlink()
+    with pytest.raises(LarkError, match="tokenizer has no vocabulary"):
+        lark_jax.load_student(tiny_dir)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("num_hidden_layers", 0, "num_hidden_layers must be >= 1"),
+    ("head_dim", 7, "head_dim 7 must be even"),
+    ("num_attention_heads", 0, "num_attention_heads must be >= 1"),
+])
+def test_impossible_configs_are_refused(tiny_dir, key, value, match):
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    cfg[key] = value
+    (tiny_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LarkError, match=match):
+        lark_jax.load_student(tiny_dir)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--layers", "0"], "--layers must be >= 1"),
+    (["--hidden-size", "30"], "--hidden-size must be a positive multiple of 8"),
+    ([], "output path is an existing file"),
+])
+def test_make_tiny_bad_arguments(tmp_path, capsys, args, match):
+    from lark_jax.cli import main as cli_main
+
+    out = tmp_path / "file"
+    out.write_text("not a directory")
+    rc = cli_main(["make-tiny", "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert rc != 0 and match in err and "Traceback" not in err
+    assert out.read_text() == "not a directory"
+
+
+def test_saved_model_directory_gets_the_usual_permissions(tiny_dir, tmp_path):
+    from lark_jax import fsio
+
+    s = lark_jax.load_student(tiny_dir)
+    lark_jax.save_student(s.model, tmp_path / "copy", s.tokenizer)
+    assert (tmp_path / "copy").stat().st_mode & 0o777 == 0o777 & ~fsio.UMASK  # not 0700
+
+
 def test_save_refuses_nonempty_dir_and_leaves_nothing_half_written(tiny_dir, tmp_path):
     s = lark_jax.load_student(tiny_dir)
     with pytest.raises(LarkError, match="not empty"):
@@ -116,5 +161,6 @@ def test_cli_generate_end_to_end(tiny_dir):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert [json.loads(x)["prompt"] for x in lines[:2]] == ["hi", "there"]
-    assert lines[-1].startswith("generated 2 completion(s)")
+    # stdout is pure JSON lines (pipeable into jq); the summary is on stderr
+    assert [json.loads(x)["prompt"] for x in lines] == ["hi", "there"]
+    assert r.stderr.strip().splitlines()[-1].startswith("generated 2 completion(s)")

@@ -125,7 +125,7 @@ def test_sigkill_during_train_then_resume_continues_from_checkpoint(hf_students,
     r = subprocess.run(cli("train", "--data", sel, "--student", d, "--out", run, *flags,
                            "--resume"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert f"(resumed from {latest})" in r.stdout and latest > 0, r.stdout
+    assert f"(resumed from step {latest})" in r.stdout and latest > 0, r.stdout
 
     full = train(d, sel, tmp_path / "ref", cfg, mesh=one_device())
     want = [json.loads(x) for x in (tmp_path / "ref/metrics.jsonl").read_text().splitlines()]

@@ -516,7 +516,7 @@ def test_command_end_to_end(tmp_path, capsys):
     ("budget", ["--budget", "0"], "--budget must be >= 1"),
     ("tau-closed", ["--tau", "0.1"], "--tau needs --solver"),
     ("tau-neg", ["--solver", "exact", "--tau", "-1"], "--tau must be a positive"),
-    ("baseline-solver", ["--policy", "rsr", "--solver", "exact"], "only apply to --policy lark"),
+    ("baseline-solver", ["--policy", "rsr", "--solver", "exact"], "only applies to --policy lark"),
 ])
 def test_command_rejects_bad_options(tmp_path, case, extra, message):
     pool, scores = write_inputs(tmp_path, ENERGIES)

@@ -1,5 +1,6 @@
 """Weighted SFT: loss oracle, packing, learning, resume determinism, devices, export, bad input."""
 
+import dataclasses
 import json
 
 import jax
@@ -89,6 +90,25 @@ def test_resume_equals_uninterrupted(hf_students, selection, tmp_path):
     b = lark_jax.load_student(tmp_path / "b/final", mesh=one_device()).model
     np.testing.assert_allclose(np.asarray(b.layers.q_proj[...]), np.asarray(a.layers.q_proj[...]),
                                atol=1e-6)
+
+
+def test_resume_refuses_other_data_or_settings(hf_students, selection, tmp_path):
+    d, _ = hf_students["llama_tied_gqa"]
+    cfg = TrainConfig(epochs=1, lr=1e-3, batch_size=4, save_every=1, max_steps=2)
+    train(d, selection, tmp_path / "run", cfg, mesh=one_device())
+    other = write_selection(tmp_path / "other.jsonl",
+                            write_pool(tmp_path / "pool2.jsonl", n_problems=2))
+    before = (tmp_path / "run" / "run_config.json").read_text()
+    with pytest.raises(LarkError, match="data: "):
+        train(d, other, tmp_path / "run", cfg, mesh=one_device(), resume=True)
+    with pytest.raises(LarkError, match="--lr: 0.001 != 0.002"):
+        train(d, selection, tmp_path / "run", dataclasses.replace(cfg, lr=2e-3),
+              mesh=one_device(), resume=True)
+    assert (tmp_path / "run" / "run_config.json").read_text() == before  # nothing rewritten
+    # How often to checkpoint does not change what is computed: allowed.
+    res = train(d, selection, tmp_path / "run", dataclasses.replace(cfg, save_every=5, keep=2),
+                mesh=one_device(), resume=True)
+    assert res.resumed_from == 2
 
 
 def test_export_parity_with_transformers(hf_students, selection, tmp_path):

@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from lark_jax.errors import LarkError
+from lark_jax.errors import LarkError, json_msg
 
 ROLES = ("system", "user", "assistant")
 
@@ -94,7 +94,7 @@ def iter_jsonl(path: str | Path, what: str = "file") -> Iterator[tuple[str, int,
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                raise LarkError(f"malformed JSON ({e.msg} at column {e.colno})",
+                raise LarkError(f"malformed JSON ({json_msg(e)} at column {e.colno})",
                                 where=where) from None
             yield where, lineno, obj
 

@@ -662,8 +662,15 @@ def _results(cfg, built, base_metrics, runs, diag, timings, t_start) -> dict:
     base = {k: _num(base_metrics[k]) for k in ("acc", "pass@1", "ref_loss", "step_acc")}
 
     def best(key, higher):
+        """The best method by mean, or "tie: a, b" ("all tied") when several share it."""
         vals = [(r[key]["mean"], r["method"]) for r in rows if r[key]["mean"] is not None]
-        return (max if higher else min)(vals)[1] if vals else None
+        if not vals:
+            return None
+        top = (max if higher else min)(v for v, _ in vals)
+        tied = [m for v, m in vals if v == top]
+        if len(tied) == 1:
+            return tied[0]
+        return "all tied" if len(tied) == len(vals) else "tie: " + ", ".join(tied)
 
     winners = {key: best(key, higher) for key, _, _, higher in _METRICS}
     per_traj = diag.get("per_trajectory")

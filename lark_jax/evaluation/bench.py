@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from lark_jax.errors import LarkError
+from lark_jax.errors import LarkError, json_msg
 
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -76,7 +76,7 @@ def load_benchmark(path: str | Path) -> Benchmark:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise LarkError(f"line {e.lineno} column {e.colno}: malformed JSON ({e.msg})",
+            raise LarkError(f"line {e.lineno} column {e.colno}: malformed JSON ({json_msg(e)})",
                             where=file) from None
         items = [(f"item {i}", obj) for i, obj in enumerate(data)]
     else:
@@ -107,7 +107,7 @@ def _json_line(line: str, lineno: int, file: str):
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
-        raise LarkError(f"line {lineno}: malformed JSON ({e.msg} at column {e.colno})",
+        raise LarkError(f"line {lineno}: malformed JSON ({json_msg(e)} at column {e.colno})",
                         where=file) from None
 
 

@@ -71,12 +71,12 @@ def _run_aggregate(args, rep: Reporter) -> None:
     if clash:
         raise LarkError(f"--aggregate tabulates finished runs; drop {', '.join(clash)}")
     table, summaries = aggregate(args.aggregate, by_level=args.by_level, metric=args.metric)
-    # The table is the command's output; the summary line closes it like every command.
+    # The table is the command's output (stdout, redirectable); the summary goes to stderr.
     print(table, flush=True)
     models = {s["model"] for s in summaries}
     benches = {s["benchmark"] for s in summaries}
     rep.summary(f"tabulated {len(summaries)} eval run(s): {len(models)} model(s) x "
-                f"{len(benches)} benchmark(s)")
+                f"{len(benches)} benchmark(s)", stderr=True)
 
 
 def run(args, rep: Reporter) -> None:

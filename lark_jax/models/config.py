@@ -88,6 +88,14 @@ class ModelConfig:
         heads = int(need("num_attention_heads"))
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
         head_dim = int(cfg.get("head_dim") or hidden // heads)
+        layers = int(need("num_hidden_layers"))
+        for key, value in (("num_hidden_layers", layers), ("hidden_size", hidden),
+                           ("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+            if value < 1:
+                raise LarkError(f"{key} must be >= 1, got {value}", where=where)
+        if head_dim < 2 or head_dim % 2:
+            raise LarkError(f"head_dim {head_dim} must be even (rotary embeddings pair its "
+                            "dimensions)", where=where)
         if heads % kv_heads:
             raise LarkError(
                 f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}",
@@ -119,7 +127,7 @@ class ModelConfig:
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
             intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lark_jax import fsio
 from lark_jax.errors import LarkError
 from lark_jax.models.config import ModelConfig
 from lark_jax.models.decoder import Decoder, ParamSpec, param_specs
@@ -154,10 +155,16 @@ def load_tokenizer(model_dir: str | Path):
         raise LarkError("no tokenizer files (tokenizer.json / tokenizer_config.json)",
                         where=str(model_dir))
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False,
-                                             local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False,
+                                            local_files_only=True)
     except (OSError, ValueError) as e:
         raise LarkError(f"cannot load tokenizer: {e}", where=str(model_dir)) from None
+    # transformers builds an empty tokenizer (special tokens only) when the vocabulary
+    # file is missing; every text would then tokenize to nothing useful.
+    if len(tok) - len(tok.get_added_vocab()) < 2:
+        raise LarkError("tokenizer has no vocabulary (tokenizer.json or vocab files missing?)",
+                        where=str(model_dir))
+    return tok
 
 
 def load_student(model_dir: str | Path, dtype="float32", *, mesh=None, tokenizer: bool = True,
@@ -224,11 +231,15 @@ def save_student(model: Decoder, out_dir: str | Path, tokenizer=None, *, dtype=N
     out_dir = Path(out_dir)
     if out_dir.is_symlink():
         raise LarkError("refusing to write through a symbolic link", where=str(out_dir))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LarkError("output path is an existing file", where=str(out_dir))
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise LarkError("output directory exists and is not empty", where=str(out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        # mkdtemp makes 0700; an exported model gets the mode any new directory would.
+        os.chmod(tmp, 0o777 & ~fsio.UMASK)
         shards: list[dict[str, np.ndarray]] = [{}]
         size = 0
         for name, arr in _host_tensors(model, dtype):

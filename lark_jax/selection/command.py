@@ -59,7 +59,8 @@ def _check(args) -> str:
                                         ("--global-budget", args.global_budget))
                  if val is not None]
     if args.policy != "lark" and lark_only:
-        raise LarkError(f"{', '.join(lark_only)} only apply to --policy lark")
+        verb = "applies" if len(lark_only) == 1 else "apply"
+        raise LarkError(f"{', '.join(lark_only)} only {verb} to --policy lark")
     solver = args.solver or "closed-form"
     if args.tau is not None:
         if not (math.isfinite(args.tau) and args.tau > 0):

@@ -29,7 +29,7 @@ import numpy as np
 
 from lark_jax import fsio
 from lark_jax.data.pool import iter_pool
-from lark_jax.errors import LarkError
+from lark_jax.errors import LarkError, json_msg
 
 NUMERIC_FIELDS = ("g_hat", "L", "Brier", "rho", "rsr", "tokens", "mean_rank")
 
@@ -162,7 +162,7 @@ def load_scores(path: str | os.PathLike, *, need: Sequence[str] = (),
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except json.JSONDecodeError as e:
-        raise LarkError(f"malformed JSON ({e.msg} at line {e.lineno} column {e.colno})",
+        raise LarkError(f"malformed JSON ({json_msg(e)} at line {e.lineno} column {e.colno})",
                         where=str(path)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise LarkError(f"cannot read scores ({e})", where=str(path)) from None

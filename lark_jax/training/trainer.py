@@ -229,6 +229,34 @@ def _row_length(examples, max_length: int) -> int:
     return min(max(64, 1 << (longest - 1).bit_length()), max(64, max_length))
 
 
+# Settings a resumed run may change: they do not alter what is computed.
+RESUME_MAY_CHANGE = {"save_every", "keep"}
+
+
+def _check_resume_settings(path: Path, new: dict) -> None:
+    """Refuse ``--resume`` with other data, student or training settings than the run had."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise LarkError("cannot read run_config.json to check --resume settings",
+                        where=str(path)) from None
+
+    def same_path(a, b) -> bool:
+        return Path(str(a)).resolve() == Path(str(b)).resolve()
+
+    diffs = [f"{k}: {old.get(k)} != {new[k]}" for k in ("student", "data")
+             if not same_path(old.get(k), new[k])]
+    diffs += [f"{k}: {old.get(k)} != {new[k]}" for k in ("n_examples", "total_steps")
+              if old.get(k) != new[k]]
+    old_cfg = old.get("config", {})
+    diffs += [f"--{k.replace('_', '-')}: {old_cfg.get(k)} != {v}"
+              for k, v in new["config"].items()
+              if k not in RESUME_MAY_CHANGE and old_cfg.get(k) != v]
+    if diffs:
+        raise LarkError("--resume with settings that differ from the run's: " + "; ".join(diffs),
+                        where=str(path))
+
+
 def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
           cfg: TrainConfig = TrainConfig(), *, resume: bool = False, mesh=None,
           progress: Callable[..., None] | None = None) -> TrainSummary:
@@ -259,11 +287,13 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
     rows = max(n_data, (cfg.micro_batch_tokens // row_len) // n_data * n_data)
     trainer = Trainer(student.model, cfg, total, mesh)
 
-    fsio.make_dir(out_dir)
     run_config = {"student": str(student_dir), "data": str(data), "config": dataclasses.asdict(cfg),
                   "n_examples": len(examples), "n_skipped": n_skipped, "total_steps": total,
                   "steps_per_epoch": plan.steps_per_epoch, "row_length": row_len,
                   "rows_per_microbatch": rows, "devices": int(mesh.devices.size)}
+    if resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        _check_resume_settings(out_dir / "run_config.json", run_config)
+    fsio.make_dir(out_dir)
     fsio.atomic_write(out_dir / "run_config.json", json.dumps(run_config, indent=2) + "\n")
 
     mgr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
