@@ -1,5 +1,6 @@
 """Scoring: kernel vs float64 NumPy, end to end vs transformers logits, devices, resume."""
 
+import dataclasses
 import itertools
 import json
 import threading
@@ -297,6 +298,25 @@ def test_bad_line_mid_pool_keeps_every_batch_already_computed(hf_students, tmp_p
     rows = [r for r in side if "problem_id" in r]
     assert 0 < complete < 24 and len(rows) == complete
     assert len({(r["problem_id"], r["candidate_id"]) for r in rows}) == complete
+
+
+def test_resume_with_other_settings_names_the_difference(hf_students, tmp_path):
+    d, _ = hf_students["qwen2_bias_tied"]
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=4)
+    s = lark_jax.load_student(d, mesh=make_mesh(devices=jax.devices()[:1]))
+    cfg = ScoreConfig(top_k=10, row_length=128, batch_tokens=256, window_tokens=300)
+
+    def crash(n, tokens):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        score_pool(s, pool, tmp_path / "s.json", cfg, progress=crash)
+    side = tmp_path / "s.json.partial.jsonl"
+    kept = side.read_text()
+    with pytest.raises(LarkError, match=r"other settings \(top_k: 10 != 20\)"):
+        score_pool(s, pool, tmp_path / "s.json", dataclasses.replace(cfg, top_k=20),
+                   resume=True)
+    assert side.read_text() == kept  # untouched
 
 
 def test_resume_after_interruption_loses_and_duplicates_nothing(hf_students, tmp_path):

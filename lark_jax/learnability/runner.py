@@ -101,10 +101,15 @@ class Sidecar:
             got = json.loads(good[0]) if good else None
         except json.JSONDecodeError:
             got = None
-        want = {k: v for k, v in header.items() if k != "brier"}
-        if got is None or {k: v for k, v in got.items() if k != "brier"} != want:
-            raise LarkError(f"the partial run was made with other settings ({got}); delete it "
-                            "or rerun with the same options", where=str(self.path))
+        if not isinstance(got, dict) or "lark_jax_sidecar" not in got:
+            raise LarkError("not a lark-jax partial run (unreadable header); delete it",
+                            where=str(self.path))
+        keys = sorted((set(header) | set(got)) - {"brier"})
+        diffs = [f"{k}: {got.get(k)!r} != {header.get(k)!r}" for k in keys
+                 if got.get(k) != header.get(k)]
+        if diffs:
+            raise LarkError("the partial run was made with other settings (" + "; ".join(diffs)
+                            + "); delete it or rerun with the same options", where=str(self.path))
         for ln in good[1:]:
             row = json.loads(ln)
             (self.skipped if row.get("skipped") else self.rows).append(row)
