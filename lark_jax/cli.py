@@ -54,6 +54,12 @@ def _run_generate(args, rep: Reporter) -> None:
             raise LarkError(f"cannot read prompts ({e})", where=args.prompts_file) from None
     else:
         messages = args.prompt
+    if not messages:
+        raise LarkError("no prompts (the prompts file has no non-empty line)",
+                        where=args.prompts_file)
+    for name in ("batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise LarkError(f"--{name.replace('_', '-')} must be >= 1")
     student = load_student(args.model, dtype=args.dtype)
     if args.raw:
         prompts = messages

@@ -164,3 +164,21 @@ def test_cli_generate_end_to_end(tiny_dir):
     # stdout is pure JSON lines (pipeable into jq); the summary is on stderr
     assert [json.loads(x)["prompt"] for x in lines] == ["hi", "there"]
     assert r.stderr.strip().splitlines()[-1].startswith("generated 2 completion(s)")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--prompt", "hi", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--prompts-file", "EMPTY"], "EMPTY: no prompts"),
+])
+def test_generate_bad_arguments(tiny_dir, tmp_path, capsys, args, match):
+    from lark_jax.cli import main as cli_main
+
+    empty = tmp_path / "EMPTY"
+    empty.write_text("\n  \n")
+    args = [str(empty) if a == "EMPTY" else a for a in args]
+    match = match.replace("EMPTY", str(empty))
+    rc = cli_main(["generate", "--model", str(tiny_dir), *args])
+    captured = capsys.readouterr()
+    assert rc != 0 and match in captured.err and "Traceback" not in captured.err
+    assert captured.out == ""
