@@ -45,8 +45,8 @@ def _read_umask() -> int:
     return mask
 
 
-_UMASK = _read_umask()
-UMASK = _UMASK  # for directories created with mkdtemp (0700) that become outputs
+# Read once; also used for directories made with mkdtemp (0700) that become outputs.
+UMASK = _read_umask()
 
 
 @contextlib.contextmanager
@@ -61,7 +61,7 @@ def atomic_file(path: str | Path, binary: bool = False):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual
+            os.fchmod(f.fileno(), 0o666 & ~UMASK)  # mkstemp makes 0600; outputs get the usual
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -35,12 +35,14 @@ def test_logit_parity_with_transformers(hf_students, case):
     assert theirs.std() > 0.1
 
 
-@pytest.mark.parametrize("case", ["llama3_rope_untied_bias", "qwen3_qknorm_headdim"])
-def test_blockwise_path_matches_transformers(hf_students, case):
+@pytest.mark.parametrize("impl,case,rows", [
+    ("blockwise", "llama3_rope_untied_bias", 1), ("blockwise", "qwen3_qknorm_headdim", 1),
+    ("flash", "llama_tied_gqa", 2), ("flash", "qwen3_qknorm_headdim", 2)])
+def test_attention_paths_match_transformers(hf_students, impl, case, rows):
     d, ref = hf_students[case]
-    student = lark_jax.load_student(d, attn_impl="blockwise",
+    student = lark_jax.load_student(d, attn_impl=impl,
                                     mesh=make_mesh(devices=jax.devices()[:1]))
-    ids = np.random.RandomState(2).randint(0, student.config.vocab_size, (1, 70))
+    ids = np.random.RandomState(2).randint(0, student.config.vocab_size, (rows, 70))
     ours = np.asarray(student.model(jnp.asarray(ids, jnp.int32)))
     assert np.abs(ours - torch_logits(ref, ids)).max() <= 1e-4
 
@@ -135,16 +137,6 @@ def test_flash_attention_gradients_equal_dense():
                    argnums=(0, 1, 2))(q, k, v)
     for g_, w_ in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g_), np.asarray(w_), atol=1e-5)
-
-
-@pytest.mark.parametrize("case", ["llama_tied_gqa", "qwen3_qknorm_headdim"])
-def test_flash_path_matches_transformers(hf_students, case):
-    d, ref = hf_students[case]
-    student = lark_jax.load_student(d, attn_impl="flash",
-                                    mesh=make_mesh(devices=jax.devices()[:1]))
-    ids = np.random.RandomState(2).randint(0, student.config.vocab_size, (2, 70))
-    ours = np.asarray(student.model(jnp.asarray(ids, jnp.int32)))
-    assert np.abs(ours - torch_logits(ref, ids)).max() <= 1e-4
 
 
 def test_unknown_attention_impl_is_refused(hf_students):

@@ -346,4 +346,4 @@ def test_pool_text_is_data_not_code(hf_students, tmp_path):
 
 def test_atomic_outputs_get_the_usual_permissions(tmp_path):
     fsio.atomic_write(tmp_path / "a.json", "{}")  # not mkstemp's private 0600
-    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~fsio._UMASK
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~fsio.UMASK
