@@ -212,9 +212,17 @@ def _add_train(p):
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--batch-size", type=int, default=64, help="records per optimizer step")
-    p.add_argument("--max-length", type=int, default=4096)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--warmup-ratio", type=float, default=0.05)
+    p.add_argument("--max-length", type=int, default=32768,
+                   help="truncate records to this many tokens (the reference's 32,768)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="run exactly N optimizer steps, cycling through the data "
+                        "(overrides --epochs, as in HF Trainer)")
+    p.add_argument("--objective", default="record", choices=["record", "reference", "token"],
+                   help="record: sum_r w_r*meanCE_r / sum_r w_r (default); reference: the "
+                        "published runs' plain mean of per-record mean CE (weights only "
+                        "zero out); token: sum_t w*CE / sum_t w")
+    p.add_argument("--warmup-ratio", type=float, default=0.05,
+                   help="warm-up steps = ceil(ratio x total steps), as in HF Trainer")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--micro-batch-tokens", type=int, default=16384,
                    help="tokens per forward/backward pass; gradients accumulate to the batch")
@@ -224,7 +232,11 @@ def _add_train(p):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype (master weights and optimizer state stay float32)")
     p.add_argument("--export-dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--remat", action="store_true", help="recompute decoder blocks (memory)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--remat", dest="remat", action="store_const", const=True, default=None,
+                   help="recompute decoder blocks in the backward pass (default: automatic, "
+                        "on when a micro-batch's activations would exceed 4 GiB)")
+    g.add_argument("--no-remat", dest="remat", action="store_const", const=False)
     p.add_argument("--fsdp", action="store_true",
                    help="shard parameters and optimizer state over the data axis")
     p.add_argument("--lora-rank", type=int, default=0,
@@ -241,7 +253,8 @@ def _run_train(args, rep: Reporter) -> None:
 
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                       max_length=args.max_length, max_steps=args.max_steps,
-                      warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+                      objective=args.objective, warmup_ratio=args.warmup_ratio,
+                      weight_decay=args.weight_decay,
                       micro_batch_tokens=args.micro_batch_tokens, save_every=args.save_every,
                       keep=args.keep, seed=args.seed, dtype=args.dtype, remat=args.remat,
                       fsdp=args.fsdp, export_dtype=args.export_dtype,

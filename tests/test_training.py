@@ -21,7 +21,7 @@ import lark_jax
 from lark_jax import LarkError
 from lark_jax.data.chat import tokenize_record
 from lark_jax.parallel import make_mesh
-from lark_jax.training.data import read_selection, step_microbatches
+from lark_jax.training.data import read_selection, step_denominator, step_microbatches
 from lark_jax.training.loss import weighted_ce_sums
 from lark_jax.training.trainer import TrainConfig, Trainer, train
 
@@ -32,31 +32,101 @@ def selection(tmp_path):
     return write_selection(tmp_path / "train.jsonl", pool, weights=[0.2, 1.0, 2.5])
 
 
-def test_weighted_loss_equals_hand_computation_and_packing(hf_students, selection):
-    d, ref = hf_students["qwen2_bias_tied"]
-    student = lark_jax.load_student(d, mesh=one_device())
-    examples, _ = read_selection(selection, student.tokenizer, 4096)
-    # Hand computation: each record alone through transformers, float64 CE.
-    num = den = 0.0
+def _torch_objective(ref, examples, objective):
+    """The step loss and its gradient norm, float64 transformers, each record alone.
+
+    Written from the definitions (method.md step 4), not from training.objective.
+    """
+    import copy
+
+    model = copy.deepcopy(ref).double()
+    model.zero_grad()
+    mean_ce, tok_ce, n_tok = [], [], []
     for e in examples:
-        with torch.no_grad():
-            z = ref(torch.tensor([e.tok.ids.tolist()])).logits[0].double().numpy()
+        logits = model(torch.tensor([e.tok.ids.tolist()])).logits[0]
         js = np.arange(max(e.tok.start, 1), e.tok.end)
-        zz = z[js - 1]
-        lse = np.log(np.exp(zz - zz.max(1, keepdims=True)).sum(1)) + zz.max(1)
-        ce = lse - zz[np.arange(len(js)), e.tok.ids[js]]
-        num += e.weight * ce.sum()
-        den += e.weight * len(js)
-    want = num / den
+        ce = torch.nn.functional.cross_entropy(logits[js - 1], torch.tensor(e.tok.ids[js], dtype=torch.long),
+                                               reduction="none")
+        mean_ce.append(ce.mean())
+        tok_ce.append(ce.sum())
+        n_tok.append(len(js))
+    w = [e.weight for e in examples]
+    if objective == "reference":  # plain mean over ALL records of the step; weight 0 -> 0
+        loss = sum(m * (wi > 0) for m, wi in zip(mean_ce, w)) / len(examples)
+    elif objective == "record":
+        loss = sum(m * wi for m, wi in zip(mean_ce, w)) / sum(w)
+    else:
+        loss = sum(c * wi for c, wi in zip(tok_ce, w)) / sum(wi * n for wi, n in zip(w, n_tok))
+    loss.backward()
+    gnorm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()
+                           if p.grad is not None))
+    return loss.item(), gnorm.item()
+
+
+@pytest.mark.parametrize("objective", ["record", "reference", "token"])
+def test_objective_equals_float64_transformers(hf_students, tmp_path, objective):
+    """Step-1 loss and gradient norm of each objective against float64 transformers:
+    packed with accumulation over several micro-batches, unpacked (one record a row),
+    8 devices, and LoRA (whose factors start at the base model)."""
+    d, ref = hf_students["qwen2_bias_tied"]
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=3)
+    sel = write_selection(tmp_path / "train.jsonl", pool, weights=[0.2, 1.0, 2.5, 0.0])
+    student = lark_jax.load_student(d, mesh=one_device())
+    examples, _ = read_selection(sel, student.tokenizer, 4096, objective)
+    assert (0.0 in {e.weight for e in examples}) == (objective == "reference")
+    want_loss, want_gnorm = _torch_objective(ref, examples, objective)
+    idx = np.arange(len(examples))
+    denom = step_denominator(examples, idx, objective)
+    cfg = TrainConfig(lr=1e-3, objective=objective)
+    # (devices, row length, rows per micro-batch, records per row, LoRA rank)
+    for n, row_len, rows, max_seg, lora in ((1, 512, 1, None, 0), (1, 512, 4, 1, 0),
+                                            (8, 512, 8, None, 0), (1, 2048, 1, None, 2)):
+        mesh = make_mesh(devices=jax.devices()[:n])
+        m = lark_jax.load_student(d, mesh=mesh).model
+        tr = Trainer(m, dataclasses.replace(cfg, lora_rank=lora), 10, mesh)
+        mbs = list(step_microbatches(examples, idx, row_len, rows, max_seg, row_multiple=n,
+                                     objective=objective))
+        assert n > 1 or lora or len(mbs) > 1  # gradients accumulate over micro-batches
+        loss, gnorm, _ = tr.step(mbs, denom)
+        assert loss == pytest.approx(want_loss, rel=1e-5), (n, row_len, max_seg, lora)
+        if not lora:  # with LoRA only the factors have gradients
+            assert gnorm == pytest.approx(want_gnorm, rel=1e-4), (n, row_len, max_seg)
+    # The objectives really differ on this data (weights 0.2/1/2.5/0, unequal lengths).
+    others = {o: _torch_objective(ref, read_selection(sel, student.tokenizer, 4096, o)[0], o)[0]
+              for o in ("record", "reference", "token") if o != objective}
+    assert all(abs(v - want_loss) > 1e-3 for v in others.values())
+
+
+def test_reference_objective_counts_zero_weight_records(hf_students, tmp_path):
+    """A zero-weight record keeps its slot: same loss as its positive twins divided by N."""
+    d, _ = hf_students["llama_tied_gqa"]
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=2)
+    mesh = one_device()
+    student = lark_jax.load_student(d, mesh=mesh)
+    out = {}
+    for name, weights in (("ones", [1.0]), ("zeros", [1.0, 1.0, 0.0])):
+        sel = write_selection(tmp_path / f"{name}.jsonl", pool, weights=weights)
+        ex, _ = read_selection(sel, student.tokenizer, 4096, "reference")
+        idx = np.arange(len(ex))
+        tr = Trainer(lark_jax.load_student(d, mesh=mesh).model,
+                     TrainConfig(lr=1e-3, objective="reference"), 10, mesh)
+        out[name] = tr.step(step_microbatches(ex, idx, 1024, 4, objective="reference"),
+                            step_denominator(ex, idx, "reference"))[0]
+        if name == "zeros":  # the weight-0 records are in the step but never packed
+            assert len(ex) == 6 and sum(e.weight == 0 for e in ex) == 2
+            packed = sum(int((mb["segments"] >= 0).any(1).sum()) for mb in
+                         step_microbatches(ex, idx, 64 * 1024, 1, 1, objective="reference"))
+            assert packed == 4
+    ones_ex, _ = read_selection(tmp_path / "ones.jsonl", student.tokenizer, 4096, "reference")
+    # Records 2 and 5 (weight 0) are dropped from the sum but still count in N = 6.
     fn = jax.jit(lambda b: weighted_ce_sums(student.model, chunk_tokens=64, **b))
-    # Packed (several records per row, two layouts) and unpacked (one record per row).
-    for row_len, rows, max_seg in ((512, 2, None), (2048, 1, None), (512, 4, 1)):
-        s = w = 0.0
-        for mb in step_microbatches(examples, np.arange(len(examples)), row_len, rows, max_seg):
-            a, b = fn({k: jnp.asarray(v) for k, v in mb.items()})
-            s, w = s + float(a), w + float(b)
-        assert s / w == pytest.approx(want, rel=1e-5)
-    assert den > 0 and len({e.weight for e in examples}) == 3
+    per = []
+    for e in ones_ex:
+        s, _ = fn({k: jnp.asarray(v) for k, v in
+                   next(step_microbatches([e], [0], 1024, 1, objective="reference")).items()})
+        per.append(float(s))
+    assert out["zeros"] == pytest.approx((sum(per) - per[2] - per[5]) / 6, rel=1e-5)
+    assert out["ones"] == pytest.approx(sum(per) / 6, rel=1e-5)
 
 
 def test_loss_falls_and_outputs_written(hf_students, selection, tmp_path):
@@ -189,18 +259,90 @@ def test_flash_attention_is_refused_off_gpu(hf_students, selection, tmp_path, ca
     ('{"messages": [{"role": "user", "content": "x"}], "meta": {}}\n',
      "train.jsonl:1: no assistant message"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],'
-     ' "meta": {"train_weight": 0}}\n', "no trainable records"),
+     ' "meta": {"train_weight": 0}}\n', "train.jsonl: every meta.train_weight is 0"),
     ('{"messages": [{"role": "assistant", "content": "y"}], "meta": {"train_weight": -1}}\n',
+     "train.jsonl:1: meta.train_weight must be a finite number >= 0, got -1"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n'
+     '{"messages": [{"role": "assistant", "content": "y"}], "meta": {"train_weight": NaN}}\n',
+     "train.jsonl:2: meta.train_weight must be a finite number >= 0, got nan"),
+    ('{"messages": [{"role": "assistant", "content": "y"}], "meta": {"train_weight": "1"}}\n',
      "train.jsonl:1: meta.train_weight must be"),
     ('{"messages": oops\n', "train.jsonl:1: malformed JSON"),
 ])
-def test_bad_training_data(hf_students, tmp_path, content, match):
+@pytest.mark.parametrize("objective", ["record", "reference", "token"])
+def test_bad_training_data(hf_students, tmp_path, content, match, objective):
     d, _ = hf_students["qwen2_bias_tied"]
     p = tmp_path / "train.jsonl"
     p.write_text(content)
     tok = lark_jax.load_student(d, mesh=one_device()).tokenizer
     with pytest.raises(LarkError, match=match):
-        read_selection(p, tok, 512)
+        read_selection(p, tok, 512, objective)
+
+
+def test_bad_objective_and_weights_from_the_cli(hf_students, tmp_path, capsys):
+    from lark_jax.cli import main as cli_main
+
+    d, _ = hf_students["qwen2_bias_tied"]
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=2)
+    good = write_selection(tmp_path / "good.jsonl", pool)
+    with pytest.raises(SystemExit) as e:  # argparse: one usage line, exit 2
+        cli_main(["train", "--data", str(good), "--student", str(d), "--out",
+                  str(tmp_path / "r0"), "--objective", "mean", "-q"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'mean'" in err and "Traceback" not in err
+    with pytest.raises(LarkError, match="--objective must be one of"):
+        TrainConfig(objective="mean").validate()
+    with pytest.raises(LarkError, match="unknown objective"):
+        read_selection(good, None, 512, "mean")
+    for name, weights, msg in (("neg", [1.0, -0.5], "neg.jsonl:2: meta.train_weight must be"),
+                               ("zero", [0.0], "zero.jsonl: every meta.train_weight is 0")):
+        sel = write_selection(tmp_path / f"{name}.jsonl", pool, weights=weights)
+        rc = cli_main(["train", "--data", str(sel), "--student", str(d), "--out",
+                       str(tmp_path / name), "-q"])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and "Traceback" not in err, err
+        assert not (tmp_path / name).exists()  # nothing written
+
+
+def test_warmup_and_schedule_follow_hf_trainer():
+    """Warm-up = ceil(0.05 x total) (59 at 1,170 steps, where round() gave 58), and the
+    learning rate equals transformers' get_cosine_schedule_with_warmup at every step."""
+    from transformers.optimization import get_cosine_schedule_with_warmup
+
+    from lark_jax.training.trainer import make_schedule, warmup_steps
+
+    cfg = TrainConfig(lr=1e-5)
+    assert warmup_steps(cfg, 1170) == 59 and warmup_steps(cfg, 410) == 21
+    assert warmup_steps(cfg, 1) == 1 and warmup_steps(TrainConfig(warmup_ratio=0.0), 50) == 0
+    for total, ratio in ((410, 0.05), (1170, 0.05), (7, 0.3), (50, 0.0)):
+        cfg = TrainConfig(lr=1e-5, warmup_ratio=ratio)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        hf = get_cosine_schedule_with_warmup(opt, warmup_steps(cfg, total), total).lr_lambdas[0]
+        ours = np.asarray(jax.vmap(make_schedule(cfg, total))(jnp.arange(total)))
+        np.testing.assert_allclose(ours, [1e-5 * hf(s) for s in range(total)], rtol=2e-5,
+                                   atol=1e-12)
+        assert ours[0] == 0.0 or ratio == 0.0
+
+
+def test_max_steps_runs_exactly_n_steps_beyond_one_epoch(hf_students, selection, tmp_path):
+    """12 records, batch 4: 3 steps an epoch; --max-steps 7 with --epochs 1 runs 7 steps,
+    through three permutations, and every record is seen in each full epoch."""
+    from lark_jax.training.data import StepPlan
+
+    plan = StepPlan(12, 4, 1, 7, 0)
+    assert plan.total_steps == 7 and StepPlan(12, 4, 5, None, 0).total_steps == 15
+    for epoch in range(2):
+        seen = np.concatenate([plan.step_indices(3 * epoch + k) for k in range(3)])
+        assert sorted(seen) == list(range(12))
+    assert not np.array_equal(plan.step_indices(0), plan.step_indices(3))  # reshuffled
+    d, _ = hf_students["llama_tied_gqa"]
+    s = train(d, selection, tmp_path / "run", TrainConfig(epochs=1, max_steps=7, lr=1e-3,
+                                                          batch_size=4), mesh=one_device())
+    recs = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert s.steps == 7 and [r["step"] for r in recs] == list(range(1, 8))
+    assert [r["epoch"] for r in recs] == [1, 1, 1, 2, 2, 2, 3]
+    cfg = json.loads((tmp_path / "run/run_config.json").read_text())
+    assert cfg["total_steps"] == 7 and cfg["warmup_steps"] == 1
 
 
 def test_chat_span_is_assistant_only(hf_students):

@@ -1,7 +1,9 @@
 """Selection JSONL → tokenized, weighted examples → deterministic packed steps.
 
 Each step takes the next ``batch_size`` records of the epoch's seeded
-permutation (the reference's global batch counts trajectories), packs them
+permutation (the reference's global batch counts trajectories; with
+``max_steps`` the permutation is redrawn each epoch and the run cycles through
+the data until exactly ``max_steps`` steps are done, as HF Trainer does), packs them
 into rows of ``max_length`` tokens with segment ids (positions restart, no
 attention across records), and splits the rows into fixed-shape micro-batches
 for gradient accumulation. Step k of a run is a pure function of (seed, k),
@@ -20,6 +22,7 @@ from lark_jax.data.chat import Tokenized, tokenize_record
 from lark_jax.data.packing import best_fit_rows, build_batch
 from lark_jax.data.pool import ROLES, iter_jsonl
 from lark_jax.errors import LarkError
+from lark_jax.training.objective import OBJECTIVES, step_normaliser, token_coefficient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +32,17 @@ class Example:
     line: int
 
 
-def read_selection(path: str | Path, tokenizer, max_length: int) -> tuple[list[Example], int]:
-    """Validate and tokenize a selection file; returns (examples, n_skipped_empty_span)."""
-    examples, skipped = [], 0
+def read_selection(path: str | Path, tokenizer, max_length: int,
+                   objective: str = "record") -> tuple[list[Example], int]:
+    """Validate and tokenize a selection file; returns (examples, n_skipped_empty_span).
+
+    Records with train_weight 0 contribute nothing to any objective; they are
+    dropped, except under ``objective="reference"``, where they keep their slot
+    in the steps and in each step's record count (the published runs do that).
+    """
+    if objective not in OBJECTIVES:
+        raise LarkError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
+    examples, skipped, n_positive, n_zero = [], 0, 0, 0
     for where, lineno, obj in iter_jsonl(path, "training data"):
         msgs = obj.get("messages") if isinstance(obj, dict) else None
         if not isinstance(msgs, list) or not msgs:
@@ -53,11 +64,16 @@ def read_selection(path: str | Path, tokenizer, max_length: int) -> tuple[list[E
         if tok.n_targets == 0:
             skipped += 1
             continue
-        if w > 0:
+        n_positive += w > 0
+        n_zero += w == 0
+        if w > 0 or objective == "reference":
             examples.append(Example(tok, float(w), lineno))
-    if not examples:
-        raise LarkError("no trainable records (empty file, all weights 0, or all assistant "
-                        "spans truncated away)", where=str(path))
+    if not n_positive:
+        if n_zero:
+            raise LarkError(f"every meta.train_weight is 0 ({n_zero} record(s)): nothing to "
+                            "train on", where=str(path))
+        raise LarkError("no trainable records (empty file, or all assistant spans truncated "
+                        "away)", where=str(path))
     return examples, skipped
 
 
@@ -75,8 +91,8 @@ class StepPlan:
 
     @property
     def total_steps(self) -> int:
-        total = self.steps_per_epoch * self.epochs
-        return min(total, self.max_steps) if self.max_steps else total
+        """``max_steps`` when given (overrides ``epochs``), else steps_per_epoch × epochs."""
+        return self.max_steps if self.max_steps else self.steps_per_epoch * self.epochs
 
     def step_indices(self, step: int) -> np.ndarray:
         """Example indices of global step ``step`` (0-based)."""
@@ -85,9 +101,19 @@ class StepPlan:
         return perm[k * self.batch_size:(k + 1) * self.batch_size]
 
 
+def step_denominator(examples: list[Example], idx, objective: str = "record") -> float:
+    """The normaliser D of the step made of ``examples[idx]`` (training.objective)."""
+    return step_normaliser([examples[i].weight for i in idx],
+                           [examples[i].tok.n_targets for i in idx], objective)
+
+
 def step_microbatches(examples: list[Example], idx: np.ndarray, row_len: int, rows: int,
-                      max_segments: int | None = None, row_multiple: int | None = None):
+                      max_segments: int | None = None, row_multiple: int | None = None,
+                      objective: str = "record"):
     """Pack one step's examples; yields dicts of [rows', row_len] arrays.
+
+    ``weights`` holds the objective's per-token coefficient c_t (training.objective);
+    records whose coefficient is 0 are not packed at all.
 
     Micro-batches have ``rows`` rows. With ``row_multiple`` (the data-parallel
     width) the last one shrinks to the next power of two times ``row_multiple``
@@ -96,6 +122,10 @@ def step_microbatches(examples: list[Example], idx: np.ndarray, row_len: int, ro
     log2(rows) extra compiled shapes. ``max_segments=1`` gives one record per row
     (no packing).
     """
+    coef = [token_coefficient(examples[i].weight, examples[i].tok.n_targets, objective)
+             for i in idx]
+    idx = [i for i, c in zip(idx, coef, strict=True) if c > 0]
+    coef = [c for c in coef if c > 0]
     toks = [examples[i].tok for i in idx]
     packed = best_fit_rows([len(t.ids) for t in toks], row_len,
                            max_segments=max_segments or row_len)
@@ -107,7 +137,7 @@ def step_microbatches(examples: list[Example], idx: np.ndarray, row_len: int, ro
             n_rows = min(rows, row_multiple * (1 << (units - 1).bit_length()))
         b = build_batch(toks, chunk, n_rows, row_len)
         w = b.weights.copy()
-        for r, seg, i in b.slots:  # broadcast the record's weight over its scored tokens
-            w[r][b.segments[r] == seg] *= examples[idx[i]].weight
+        for r, seg, i in b.slots:  # broadcast the record's coefficient over its scored tokens
+            w[r][b.segments[r] == seg] *= coef[i]
         yield {"ids": b.ids, "positions": b.positions, "segments": b.segments,
                "targets": b.targets, "weights": w}

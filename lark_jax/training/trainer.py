@@ -1,9 +1,15 @@
 """Weighted SFT: optax AdamW, warm-up + cosine, clipping, accumulation, orbax checkpoints.
 
 One optimizer step = the next ``batch_size`` records of the seeded epoch
-permutation, packed into fixed-shape micro-batches; gradients of Σ w·CE are
-accumulated over micro-batches and divided by the step's Σ w, so the update
-follows exactly ``Σ w·CE / Σ w`` over the step's assistant tokens.
+permutation, packed into fixed-shape micro-batches; gradients of Σ c·CE are
+accumulated over micro-batches and divided by the step's normaliser D, so the
+update follows exactly the chosen objective (``training.objective``: per-record
+weighted mean CE by default, the reference's plain per-record mean, or per-token
+weighted CE) whatever the packing, micro-batch size or device count.
+
+The learning rate follows HF Trainer's linear warm-up + cosine schedule: warm-up
+steps W = ceil(warmup_ratio · total), lr(s) = lr · s / W for s < W (so the first
+update is at lr 0), then lr · ½(1 + cos(π (s − W) / (total − W))).
 
 Master weights and optimizer state are float32; with ``dtype="bfloat16"``
 the forward/backward runs on a bfloat16 copy cast inside the differentiated
@@ -35,8 +41,14 @@ from lark_jax.errors import LarkError
 from lark_jax.models.decoder import ATTN_IMPLS, Decoder
 from lark_jax.models.io import load_student, resolve_dtype, save_student
 from lark_jax.parallel import data_sharding, make_mesh
-from lark_jax.training.data import StepPlan, read_selection, step_microbatches
+from lark_jax.training.data import (
+    StepPlan,
+    read_selection,
+    step_denominator,
+    step_microbatches,
+)
 from lark_jax.training.loss import weighted_ce_sums
+from lark_jax.training.objective import OBJECTIVES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +56,9 @@ class TrainConfig:
     epochs: int = 5
     lr: float = 1e-5
     batch_size: int = 64  # records per optimizer step (the reference's global batch)
-    max_length: int = 4096
-    max_steps: int | None = None
+    max_length: int = 32768  # the reference's; the final <|im_end|> may be cut
+    max_steps: int | None = None  # exactly this many steps, overriding epochs (HF Trainer)
+    objective: str = "record"  # "record" | "reference" | "token" (training.objective)
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     clip_norm: float = 1.0
@@ -54,7 +67,7 @@ class TrainConfig:
     keep: int = 3
     seed: int = 0
     dtype: str = "float32"
-    remat: bool = False
+    remat: bool | None = None  # None: on when a micro-batch's activations would be large
     fsdp: bool = False
     chunk_tokens: int = 1024
     export_dtype: str = "float32"
@@ -68,6 +81,11 @@ class TrainConfig:
                 raise LarkError(f"--{name.replace('_', '-')} must be >= 1")
         if not self.lr > 0:
             raise LarkError("--lr must be > 0")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise LarkError("--warmup-ratio must be in [0, 1]")
+        if self.objective not in OBJECTIVES:
+            raise LarkError(f"--objective must be one of {', '.join(OBJECTIVES)}, "
+                            f"got {self.objective!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise LarkError("--max-steps must be >= 1")
         if self.lora_rank < 0:
@@ -90,11 +108,37 @@ class TrainSummary:
     final_dir: str
 
 
+def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    """HF Trainer's rule: ceil(warmup_ratio × total steps) (e.g. 59 at 1,170 steps)."""
+    return math.ceil(cfg.warmup_ratio * total)
+
+
 def make_schedule(cfg: TrainConfig, total: int):
-    warmup = max(1, round(cfg.warmup_ratio * total)) if total > 1 else 0
-    if warmup == 0:
-        return optax.constant_schedule(cfg.lr)
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total, warmup + 1), 0.0)
+    """HF's linear warm-up from 0 then cosine to 0 (``get_cosine_schedule_with_warmup``)."""
+    w = warmup_steps(cfg, total)
+    decay = max(1, total - w)
+
+    def schedule(step):
+        s = jnp.asarray(step, jnp.float32)
+        warm = s / max(1, w)
+        cos = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip((s - w) / decay, 0.0, 1.0)))
+        return cfg.lr * jnp.where(s < w, warm, cos)
+
+    return schedule
+
+
+# Without remat the backward pass keeps about (10·D + 3·I) float32 values per token and
+# layer (projections, norms, the MLP's three I-wide tensors). Above this many bytes for one
+# micro-batch, "auto" recomputes each layer instead (about a third more compute).
+REMAT_AUTO_BYTES = 4 << 30
+
+
+def resolve_remat(cfg: TrainConfig, model_cfg, tokens_per_microbatch: int) -> bool:
+    """``cfg.remat`` when set; otherwise on when the estimate above exceeds REMAT_AUTO_BYTES."""
+    if cfg.remat is not None:
+        return cfg.remat
+    per_token = (10 * model_cfg.hidden_size + 3 * model_cfg.intermediate_size) * 4
+    return tokens_per_microbatch * model_cfg.num_layers * per_token > REMAT_AUTO_BYTES
 
 
 def make_optimizer(cfg: TrainConfig, total: int):
@@ -149,14 +193,16 @@ def _fsdp_sharding(mesh, x) -> NamedSharding:
 class Trainer:
     """Holds the compiled step functions of one run; see ``train`` for the loop."""
 
-    def __init__(self, model: Decoder, cfg: TrainConfig, total_steps: int, mesh):
+    def __init__(self, model: Decoder, cfg: TrainConfig, total_steps: int, mesh,
+                 remat: bool | None = None):
         self.cfg = cfg
+        remat = bool(cfg.remat) if remat is None else remat
         self.mesh = mesh
         compute = resolve_dtype(cfg.dtype)
         graphdef, params = nnx.split(model)
         self.graphdef = graphdef
         self.graphdef_c, _ = nnx.split(nnx.eval_shape(
-            lambda: Decoder(model.cfg, dtype=compute, remat=cfg.remat,
+            lambda: Decoder(model.cfg, dtype=compute, remat=remat,
                             attn_impl=model.attn_impl, mesh=mesh)))
         if cfg.fsdp:
             params = jax.tree.map(lambda x: jax.device_put(x, _fsdp_sharding(mesh, x)), params)
@@ -188,12 +234,12 @@ class Trainer:
             (s, w), g = jax.value_and_grad(lambda q: loss_sums(q, batch), has_aux=True)(p)
             return jax.tree.map(jnp.add, acc[0], g), acc[1] + s, acc[2] + w
 
-        def apply(p, opt_state, acc):
-            g_sum, s, w = acc
-            g = jax.tree.map(lambda x: x / w, g_sum)
+        def apply(p, opt_state, acc, denom):
+            g_sum, s, _ = acc
+            g = jax.tree.map(lambda x: x / denom, g_sum)
             gnorm = optax.tree.norm(g)
             updates, opt_state = self.tx.update(g, opt_state, p)
-            return optax.apply_updates(p, updates), opt_state, s / w, gnorm
+            return optax.apply_updates(p, updates), opt_state, s / denom, gnorm
 
         self._accumulate = jax.jit(accumulate, donate_argnums=(0,))
         self._apply = jax.jit(apply, donate_argnums=(0, 1), out_shardings=(*shard, None, None))
@@ -206,13 +252,21 @@ class Trainer:
     def place(self, batch: dict) -> dict:
         return {k: jax.device_put(v, data_sharding(self.mesh, 2)) for k, v in batch.items()}
 
-    def step(self, microbatches) -> tuple[float, float, int]:
+    def step(self, microbatches, denominator: float | None = None) -> tuple[float, float, int]:
+        """One optimizer step over ``microbatches``; returns (loss, grad norm, tokens).
+
+        ``denominator`` is the step's D (``data.step_denominator``); without it the
+        sum of the coefficients is used, which equals D for the ``record`` and
+        ``token`` objectives but not for ``reference`` with zero-weight records.
+        """
         acc = self.zero_acc()
         tokens = 0
         for mb in microbatches:
             tokens += int((mb["segments"] >= 0).sum())
             acc = self._accumulate(acc, self.params, self.place(mb))
-        self.params, self.opt_state, loss, gnorm = self._apply(self.params, self.opt_state, acc)
+        denom = acc[2] if denominator is None else np.float32(denominator)
+        self.params, self.opt_state, loss, gnorm = self._apply(self.params, self.opt_state, acc,
+                                                               denom)
         return float(loss), float(gnorm), tokens
 
     def loss_of(self, batch: dict) -> float:
@@ -277,20 +331,22 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
         raise LarkError("run directory already has checkpoints; pass --resume to continue or "
                         "choose a new --out", where=str(out_dir))
     mesh = mesh if mesh is not None else make_mesh()
-    student = load_student(student_dir, "float32", mesh=mesh, remat=cfg.remat,
+    student = load_student(student_dir, "float32", mesh=mesh,
                            attn_impl=cfg.attention)
-    examples, n_skipped = read_selection(data, student.tokenizer, cfg.max_length)
+    examples, n_skipped = read_selection(data, student.tokenizer, cfg.max_length, cfg.objective)
     plan = StepPlan(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.seed)
     total = plan.total_steps
     row_len = _row_length(examples, cfg.max_length)
     n_data = mesh.shape["data"]
     rows = max(n_data, (cfg.micro_batch_tokens // row_len) // n_data * n_data)
-    trainer = Trainer(student.model, cfg, total, mesh)
+    remat = resolve_remat(cfg, student.config, rows * row_len)
+    trainer = Trainer(student.model, cfg, total, mesh, remat=remat)
 
     run_config = {"student": str(student_dir), "data": str(data), "config": dataclasses.asdict(cfg),
                   "n_examples": len(examples), "n_skipped": n_skipped, "total_steps": total,
                   "steps_per_epoch": plan.steps_per_epoch, "row_length": row_len,
-                  "rows_per_microbatch": rows, "devices": int(mesh.devices.size)}
+                  "rows_per_microbatch": rows, "remat": remat,
+                  "warmup_steps": warmup_steps(cfg, total), "devices": int(mesh.devices.size)}
     if resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         _check_resume_settings(out_dir / "run_config.json", run_config)
     fsio.make_dir(out_dir)
@@ -325,9 +381,11 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
         with fsio.open_append(metrics_path) as mf:
             for step in range(start, total):
                 ts = time.perf_counter()
-                mbs = step_microbatches(examples, plan.step_indices(step), row_len, rows,
-                                        row_multiple=n_data)
-                loss, gnorm, tokens = trainer.step(mbs)
+                idx = plan.step_indices(step)
+                mbs = step_microbatches(examples, idx, row_len, rows, row_multiple=n_data,
+                                        objective=cfg.objective)
+                loss, gnorm, tokens = trainer.step(
+                    mbs, step_denominator(examples, idx, cfg.objective))
                 dt = time.perf_counter() - ts
                 tokens_total += tokens
                 rec = {"step": step + 1, "epoch": step // plan.steps_per_epoch + 1,
