@@ -1,7 +1,12 @@
-"""Peak memory scoring one long trajectory: lark-jax vs the PyTorch comparator.
+"""Peak memory scoring (or training on) one long trajectory: lark-jax vs PyTorch.
 
     python benchmarks/bench_memory.py [--layers 4] [--lengths 1024,4096,8192,16384,32768]
                                       [--torch-max 8192]
+    python benchmarks/bench_memory.py --mode train --layers 4 --lengths 32768 --tag _train_32k
+
+``--mode train`` runs one optimizer step of ``lark-jax train`` (defaults: record
+objective, float32 master weights and AdamW state, remat chosen automatically)
+on a selection holding that one trajectory; no comparator.
 
 Each (scorer, length) runs in a fresh subprocess and reports its peak RSS
 (ru_maxrss), so numbers include the interpreter, the libraries and the
@@ -28,7 +33,14 @@ import json, resource, sys, time
 sys.path.insert(0, {bench!r})
 which, model, pool, dtype = sys.argv[1:5]
 t = time.perf_counter()
-if which == "jax":
+if which == "jax_train":
+    import shutil
+    from lark_jax.training.trainer import TrainConfig, train
+    shutil.rmtree(pool + ".run", ignore_errors=True)
+    r = train(model, pool, pool + ".run", TrainConfig(epochs=1, max_steps=1, batch_size=1,
+                                                      dtype=dtype))
+    tokens = r.tokens
+elif which == "jax":
     import lark_jax
     from lark_jax.learnability.runner import ScoreConfig, score_pool
     s = lark_jax.load_student(model, dtype=dtype)
@@ -67,6 +79,7 @@ def main(argv=None):
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--work", default=None)
     ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument("--mode", default="score", choices=["score", "train"])
     args = ap.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="lark-mem-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -76,8 +89,11 @@ def main(argv=None):
     print(f"{'tokens':>7} {'lark-jax MB':>12} {'s':>7} {'torch MB':>10} {'s':>7}")
     for n in [int(x) for x in args.lengths.split(",")]:
         pool = common.make_pool(work / f"pool{n}.jsonl", 1, n - 40, n - 40, log_uniform=False)
-        row = {"length": n, "jax": run_child("jax", model, pool, args.dtype, args.timeout)}
-        if n <= args.torch_max:
+        which = "jax_train" if args.mode == "train" else "jax"
+        row = {"length": n, "jax": run_child(which, model, pool, args.dtype, args.timeout)}
+        if args.mode == "train":
+            row["torch"] = {"skipped": "no comparator for training"}
+        elif n <= args.torch_max:
             row["torch"] = run_child("torch", model, pool, args.dtype, args.timeout)
         else:
             row["torch"] = {"skipped": f"logits alone need {n * cfg['vocab_size'] * 4 / 2**30:.1f}"

@@ -133,6 +133,10 @@ def _add_score(p):
     g.add_argument("--coordinator", help="host:port of process 0 (implies --distributed)")
     g.add_argument("--num-processes", type=int)
     g.add_argument("--process-id", type=int)
+    p.add_argument("--compat", default=None, choices=["reference"],
+                   help="the published scorer's conventions: skip assistant spans of <= 1 "
+                        "token; with --dtype bfloat16, round logits to bfloat16 before the "
+                        "float32 statistics (default: exact float32 logits)")
     p.add_argument("--estimator", default="proxy", choices=["proxy", "gradient"],
                    help="proxy = the forward-pass Brier/L of the paper; gradient = the exact "
                         "rate ||grad L||^2/L (one backward pass per trajectory)")
@@ -146,6 +150,7 @@ def _run_score(args, rep: Reporter) -> None:
     cfg = ScoreConfig(top_k=args.top_k, brier=args.brier, max_length=args.max_length,
                       batch_tokens=args.batch_tokens, row_length=args.row_length,
                       chunk_tokens=args.chunk_tokens, estimator=args.estimator,
+                      compat=args.compat,
                       prefetch=args.prefetch)
     cfg.validate()
     devices = None

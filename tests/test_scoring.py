@@ -415,3 +415,81 @@ def test_gradient_estimator_matches_torch_autograd(hf_students, tmp_path):
         assert c["grad_sq"] == pytest.approx(g2, rel=1e-3)
         assert c["rho"] == pytest.approx(g2 / float(loss.detach()), rel=1e-3)
         assert c["rho_proxy"] == pytest.approx(c["Brier"] / c["L"], rel=1e-6)
+
+
+def test_compat_reference_skips_spans_of_one_token(hf_students, tmp_path):
+    """Truncated to one assistant token: scored by default, skipped by the reference."""
+    from lark_jax.data.chat import render
+
+    d, _ = hf_students["qwen2_bias_tied"]
+    s = lark_jax.load_student(d, mesh=make_mesh(devices=jax.devices()[:1]))
+    base = len(render(s.tokenizer, [{"role": "user", "content": ""}],
+                      add_generation_prompt=True))
+    m = base + 60  # max_length; the byte tokenizer adds one token per character
+    recs = [{"problem_id": 0, "candidate_id": i, "teacher": "t",
+             "messages": [{"role": "user", "content": "q" * n},
+                          {"role": "assistant", "content": "the answer"}]}
+            for i, n in enumerate([59, 60, 10])]  # spans after truncation: 1, 0, 10+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    spans = [(t := tokenize_record(s.tokenizer, r["messages"], m)).end - t.start
+             for r in recs]
+    assert spans[:2] == [1, 0] and spans[2] > 1
+    out = {}
+    for compat in (None, "reference"):
+        p = tmp_path / f"s_{compat}.json"
+        summary = score_pool(s, pool, p, ScoreConfig(max_length=m, compat=compat))
+        out[compat] = json.loads(p.read_text())
+        out[compat]["summary"] = (summary.n_scored, summary.n_skipped)
+    assert out[None]["summary"] == (2, 1) and out["reference"]["summary"] == (1, 2)
+    assert [c["candidate_id"] for c in out[None]["scores"]["0"]] == [0, 2]
+    assert [c["candidate_id"] for c in out["reference"]["scores"]["0"]] == [2]
+    assert out[None]["compat"] == "exact" and out["reference"]["compat"] == "reference"
+    # float32 student: only the skip rule differs, the statistics are the same numbers
+    assert out["reference"]["scores"]["0"][0]["L"] == pytest.approx(
+        out[None]["scores"]["0"][1]["L"], rel=1e-5)  # other packing: float rounding only
+
+
+def test_compat_reference_rounds_logits_to_bfloat16():
+    """Kernel: logits rounded to bf16 before the float32 statistics, vs float64 NumPy on
+    bf16-rounded logits. Inputs are dyadic so the matmul is exact in float32 and float64."""
+    import ml_dtypes
+
+    from lark_jax.learnability.kernel import _head_stats_local
+
+    rng = np.random.RandomState(5)
+    b, t, d, v, k = 1, 16, 8, 300, 20
+    hidden = rng.randint(-8, 9, (b, t, d)) / 8.0
+    w_head = rng.randint(-64, 65, (v, d)) / 64.0
+    targets = rng.randint(0, v, (b, t))
+    weights = np.ones((b, t), np.float32)
+    segments = np.zeros((b, t), np.int32)
+    z = np.einsum("btd,vd->btv", hidden, w_head)[0]  # exact
+    z_bf16 = z.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    assert np.abs(z_bf16 - z).max() > 1e-3  # the rounding is visible
+    args = [jnp.asarray(x, dt) for x, dt in ((hidden, jnp.float32), (targets, jnp.int32),
+                                            (weights, jnp.float32), (segments, jnp.int32),
+                                            (w_head, jnp.float32))]
+    for rounding, zz in ((None, z), ("bfloat16", z_bf16)):
+        got = np.asarray(_head_stats_local(*args, top_k=k, max_segments=1, chunk_tokens=16,
+                                           round_logits=rounding))[0, 0]
+        want = np_token_stats(zz, targets[0], k).sum(0)
+        np.testing.assert_allclose(got[:4], want, rtol=1e-5)
+    other = np_token_stats(z, targets[0], k).sum(0)
+    assert abs(other[0] - np_token_stats(z_bf16, targets[0], k).sum(0)[0]) > 1e-4
+
+
+def test_compat_reference_with_a_bfloat16_student_changes_only_rounding(hf_students, tmp_path):
+    d, _ = hf_students["llama_tied_gqa"]
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=2)
+    s = lark_jax.load_student(d, dtype="bfloat16", mesh=make_mesh(devices=jax.devices()[:1]))
+    got = {}
+    for compat in (None, "reference"):
+        score_pool(s, pool, tmp_path / f"{compat}.json", ScoreConfig(compat=compat))
+        got[compat] = json.loads((tmp_path / f"{compat}.json").read_text())["scores"]
+    a = np.array([c["L"] for cs in got[None].values() for c in cs])
+    b = np.array([c["L"] for cs in got["reference"].values() for c in cs])
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    np.testing.assert_allclose(b, a, rtol=2e-2)  # bf16 logit rounding, no more
+    with pytest.raises(LarkError, match="--compat must be"):
+        ScoreConfig(compat="paper").validate()

@@ -45,18 +45,19 @@ def _torch_objective(ref, examples, objective):
     for e in examples:
         logits = model(torch.tensor([e.tok.ids.tolist()])).logits[0]
         js = np.arange(max(e.tok.start, 1), e.tok.end)
-        ce = torch.nn.functional.cross_entropy(logits[js - 1], torch.tensor(e.tok.ids[js], dtype=torch.long),
-                                               reduction="none")
+        y = torch.tensor(e.tok.ids[js], dtype=torch.long)
+        ce = torch.nn.functional.cross_entropy(logits[js - 1], y, reduction="none")
         mean_ce.append(ce.mean())
         tok_ce.append(ce.sum())
         n_tok.append(len(js))
     w = [e.weight for e in examples]
     if objective == "reference":  # plain mean over ALL records of the step; weight 0 -> 0
-        loss = sum(m * (wi > 0) for m, wi in zip(mean_ce, w)) / len(examples)
+        loss = sum(m * (wi > 0) for m, wi in zip(mean_ce, w, strict=True)) / len(examples)
     elif objective == "record":
-        loss = sum(m * wi for m, wi in zip(mean_ce, w)) / sum(w)
+        loss = sum(m * wi for m, wi in zip(mean_ce, w, strict=True)) / sum(w)
     else:
-        loss = sum(c * wi for c, wi in zip(tok_ce, w)) / sum(wi * n for wi, n in zip(w, n_tok))
+        loss = (sum(c * wi for c, wi in zip(tok_ce, w, strict=True))
+                / sum(wi * n for wi, n in zip(w, n_tok, strict=True)))
     loss.backward()
     gnorm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()
                            if p.grad is not None))

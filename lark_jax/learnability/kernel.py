@@ -92,11 +92,14 @@ def token_stats(z, y, top_k: int):
 
 
 def _head_stats_local(hidden, targets, weights, segments, w_head, *, top_k, max_segments,
-                      chunk_tokens):
+                      chunk_tokens, round_logits=None):
     """Per-device body: compact scored positions to the front, then loop over chunks.
 
     Only ceil(#scored / chunk) chunks run, so prompt tokens and row padding never
-    reach the [chunk, V] head matmul or the vocabulary reductions.
+    reach the [chunk, V] head matmul or the vocabulary reductions. With
+    ``round_logits`` (a dtype name, e.g. "bfloat16") the float32-accumulated logits
+    are rounded to that dtype before the float32 statistics: what a bf16 forward
+    followed by ``.float()`` computes (the reference's scorer).
     """
     b, length, d = hidden.shape
     n = b * length
@@ -114,6 +117,8 @@ def _head_stats_local(hidden, targets, weights, segments, w_head, *, top_k, max_
         hs = lax.dynamic_slice_in_dim(h, i * c, c)
         ys, ws, ss = (lax.dynamic_slice_in_dim(x, i * c, c) for x in (y, w, slot))
         z = jnp.einsum("cd,vd->cv", hs, w_head, preferred_element_type=jnp.float32)
+        if round_logits is not None:
+            z = z.astype(round_logits).astype(jnp.float32)
         stats = jnp.stack([*token_stats(z, ys, top_k), jnp.ones_like(ws)], axis=-1)
         return acc + jax.ops.segment_sum(stats * ws[:, None], ss, num_segments=b * max_segments)
 
@@ -123,9 +128,10 @@ def _head_stats_local(hidden, targets, weights, segments, w_head, *, top_k, max_
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "top_k", "max_segments", "chunk_tokens",
-                                             "mesh"))
+                                             "mesh", "round_logits"))
 def score_batch(graphdef, state, ids, positions, segments, targets, weights, *, top_k: int,
-                max_segments: int, chunk_tokens: int = 1024, mesh=None):
+                max_segments: int, chunk_tokens: int = 1024, mesh=None,
+                round_logits: str | None = None):
     """Per-(row, segment) sums of the statistics: float32 [B, max_segments, 5].
 
     The last channel counts scored tokens. Padding (segment -1) and unscored
@@ -136,7 +142,7 @@ def score_batch(graphdef, state, ids, positions, segments, targets, weights, *, 
     model = nnx.merge(graphdef, state)
     hidden = model.hidden_states(ids, positions, segments)
     local = functools.partial(_head_stats_local, top_k=top_k, max_segments=max_segments,
-                              chunk_tokens=chunk_tokens)
+                              chunk_tokens=chunk_tokens, round_logits=round_logits)
     if mesh is None:
         return local(hidden, targets, weights, segments, model.head_weight())
     data = P("data")

@@ -51,6 +51,10 @@ class ScoreConfig:
     window_tokens: int = 1 << 20  # records tokenized and packed together
     estimator: str = "proxy"  # "proxy" (Brier/L, the paper) | "gradient" (‖∇θ L‖²/L, exact)
     prefetch: int = 4  # packed batches a host thread prepares ahead (0: all work inline)
+    # None: exact (float32 logits, skip only empty spans). "reference": the published
+    # scorer's conventions: skip spans of <= 1 token; with a bfloat16 student, round the
+    # logits to bfloat16 before the float32 statistics (a bf16 forward + .float()).
+    compat: str | None = None
 
     def validate(self) -> None:
         if self.brier not in ("topk", "full"):
@@ -65,6 +69,15 @@ class ScoreConfig:
             raise LarkError("--row-length must be a power of two >= 16")
         if self.prefetch < 0:
             raise LarkError("--prefetch must be >= 0")
+        if self.compat not in (None, "reference"):
+            raise LarkError(f"--compat must be 'reference' (or absent), got {self.compat!r}")
+
+    def skips(self, t: Tokenized) -> bool:
+        """Whether a record is skipped: an empty assistant span after truncation, or
+        under ``compat="reference"`` a span of at most one token (the reference's rule)."""
+        if self.compat == "reference":
+            return t.end - t.start <= 1 or t.n_targets == 0
+        return t.n_targets == 0
 
 
 def _bucket(n: int, row_length: int = 16) -> int:
@@ -202,7 +215,7 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
     name = student_name or student.path or "student"
     header = {"lark_jax_sidecar": SIDECAR_VERSION, "student": str(name), "top_k": cfg.top_k,
               "max_length": cfg.max_length, "pool": str(pool.resolve()),
-              "estimator": cfg.estimator}
+              "estimator": cfg.estimator, "compat": cfg.compat}
     n_proc, proc = jax.process_count(), jax.process_index()
     if n_proc > 1:
         header["process"] = f"{proc}-of-{n_proc}"
@@ -217,12 +230,15 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
     n_data = mesh.shape["data"]
     top_k = min(cfg.top_k, student.config.vocab_size)  # a tiny vocabulary may have fewer than K
     tokens = padded = 0
+    # The reference rounds logits to its forward dtype; exact mode keeps float32 logits.
+    round_logits = ("bfloat16" if cfg.compat == "reference"
+                    and student.model.dtype == np.dtype("bfloat16") else None)
 
     def window_work(records: list[Record], items: list[Tokenized]):
-        skipped = [r for r, t in zip(records, items, strict=True) if t.n_targets == 0]
+        skipped = [r for r, t in zip(records, items, strict=True) if cfg.skips(t)]
         if skipped:
             yield "skip", skipped, None
-        keep = [(r, t) for r, t in zip(records, items, strict=True) if t.n_targets > 0]
+        keep = [(r, t) for r, t in zip(records, items, strict=True) if not cfg.skips(t)]
         recs, toks = [r for r, _ in keep], [t for _, t in keep]
         for batch in _batches(toks, cfg, n_data):
             yield "batch", recs, batch
@@ -285,7 +301,7 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
             # Placed on the devices once, used by the proxy kernel and the gradient estimator.
             arrays = [jax.device_put(x, data_sharding(mesh, 2)) for x in
                       (batch.ids, batch.positions, batch.segments, batch.targets, batch.weights)]
-            sums = _run_batch(graphdef, state, arrays, batch, cfg, top_k, mesh)
+            sums = _run_batch(graphdef, state, arrays, batch, cfg, top_k, mesh, round_logits)
             grads = _run_grad(graphdef, state, arrays, cfg) \
                 if cfg.estimator == "gradient" else None
             if pending is not None:
@@ -309,6 +325,7 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
         result = {
             "method": "lark_ghat", "student_model": str(name), "top_k": cfg.top_k,
             "brier": cfg.brier, "estimator": cfg.estimator, "max_length": cfg.max_length,
+            "compat": cfg.compat or "exact",
             "n_problems": len(problems), "n_scored": len(rows), "n_skipped": len(skipped),
             "scores": scores,
         }
@@ -366,10 +383,10 @@ def _run_grad(graphdef, state, arrays, cfg: ScoreConfig) -> jax.Array:
 
 
 def _run_batch(graphdef, state, arrays, batch: PackedBatch, cfg: ScoreConfig, top_k: int,
-               mesh) -> jax.Array:
+               mesh, round_logits: str | None = None) -> jax.Array:
     max_seg = max(1, max(s for _, s, _ in batch.slots) + 1) if batch.slots else 1
     # A few static segment counts (powers of two) keep the number of programs small.
     max_seg = 1 << math.ceil(math.log2(max_seg)) if max_seg > 1 else 1
     # Returned undone: the caller fetches it after dispatching the next batch.
     return score_batch(graphdef, state, *arrays, top_k=top_k, max_segments=max_seg,
-                       chunk_tokens=cfg.chunk_tokens, mesh=mesh)
+                       chunk_tokens=cfg.chunk_tokens, mesh=mesh, round_logits=round_logits)

@@ -263,9 +263,10 @@ class Decoder(nnx.Module):
             x = x + mlp(h)
         else:
             # Long rows: run the MLP over sequence chunks so its [B, T, F] intermediates
-            # (the largest activations) exist for one chunk at a time.
+            # (the largest activations) exist for one chunk at a time. Checkpointed, or the
+            # backward pass would keep every chunk's intermediates (3 x T x F floats) anyway.
             hc = jnp.moveaxis(h.reshape(b, t // c, c, -1), 1, 0)
-            x = x + jnp.moveaxis(lax.map(mlp, hc), 0, 1).reshape(x.shape)
+            x = x + jnp.moveaxis(lax.map(jax.checkpoint(mlp), hc), 0, 1).reshape(x.shape)
         return x, new_kv
 
 

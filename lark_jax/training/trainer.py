@@ -69,7 +69,7 @@ class TrainConfig:
     dtype: str = "float32"
     remat: bool | None = None  # None: on when a micro-batch's activations would be large
     fsdp: bool = False
-    chunk_tokens: int = 1024
+    chunk_tokens: int = 256  # positions whose [chunk, V] float32 logits exist at once
     export_dtype: str = "float32"
     lora_rank: int = 0  # 0 = full fine-tuning
     lora_alpha: float | None = None  # scale = alpha / rank (default alpha = 2 * rank)
@@ -230,8 +230,12 @@ class Trainer:
             p = jax.tree.map(lambda x: x.astype(compute), full(p))
             return weighted_ce_sums(nnx.merge(gdc, p), chunk_tokens=chunk, **batch)
 
-        def accumulate(acc, p, batch):
+        def first(p, batch):  # no zero accumulator: one parameter-sized buffer less
             (s, w), g = jax.value_and_grad(lambda q: loss_sums(q, batch), has_aux=True)(p)
+            return g, s, w
+
+        def accumulate(acc, p, batch):
+            g, s, w = first(p, batch)
             return jax.tree.map(jnp.add, acc[0], g), acc[1] + s, acc[2] + w
 
         def apply(p, opt_state, acc, denom):
@@ -241,6 +245,7 @@ class Trainer:
             updates, opt_state = self.tx.update(g, opt_state, p)
             return optax.apply_updates(p, updates), opt_state, s / denom, gnorm
 
+        self._first = jax.jit(first, out_shardings=(shard[0], None, None))
         self._accumulate = jax.jit(accumulate, donate_argnums=(0,))
         self._apply = jax.jit(apply, donate_argnums=(0, 1), out_shardings=(*shard, None, None))
         self._loss = jax.jit(loss_sums)
@@ -259,11 +264,14 @@ class Trainer:
         sum of the coefficients is used, which equals D for the ``record`` and
         ``token`` objectives but not for ``reference`` with zero-weight records.
         """
-        acc = self.zero_acc()
+        acc = None
         tokens = 0
         for mb in microbatches:
             tokens += int((mb["segments"] >= 0).sum())
-            acc = self._accumulate(acc, self.params, self.place(mb))
+            acc = (self._first(self.params, self.place(mb)) if acc is None
+                   else self._accumulate(acc, self.params, self.place(mb)))
+        if acc is None:  # every record of the step has coefficient 0 (reference objective)
+            acc = self.zero_acc()
         denom = acc[2] if denominator is None else np.float32(denominator)
         self.params, self.opt_state, loss, gnorm = self._apply(self.params, self.opt_state, acc,
                                                                denom)
@@ -405,6 +413,7 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
     finally:
         mgr.wait_until_finished()
         mgr.close()
+    trainer.opt_state = None  # export needs only the weights: free Adam's two moments first
     final = save_student(trainer.model(), out_dir / "final", student.tokenizer,
                          dtype=resolve_dtype(cfg.export_dtype), overwrite=True)
     plot_loss(metrics_path, out_dir / "loss.png")
