@@ -493,3 +493,21 @@ def test_compat_reference_with_a_bfloat16_student_changes_only_rounding(hf_stude
     np.testing.assert_allclose(b, a, rtol=2e-2)  # bf16 logit rounding, no more
     with pytest.raises(LarkError, match="--compat must be"):
         ScoreConfig(compat="paper").validate()
+
+
+def test_scores_list_candidates_in_pool_order_with_their_line(hf_students, tmp_path):
+    """select breaks ĝ ties by pool position: the scores carry it (pool_line) and list each
+    problem's candidates in pool order, as the reference's scorer does."""
+    d, _ = hf_students["qwen2_bias_tied"]
+    src = write_pool(tmp_path / "src.jsonl", n_problems=2)
+    lines = open(src).read().splitlines()
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("\n".join(lines[::-1]) + "\n")  # candidates 2, 1, 0 per problem
+    s = lark_jax.load_student(d, mesh=make_mesh(devices=jax.devices()[:1]))
+    score_pool(s, pool, tmp_path / "s.json", ScoreConfig(top_k=10))
+    got = json.loads((tmp_path / "s.json").read_text())["scores"]
+    for pid, cands in got.items():
+        assert [c["candidate_id"] for c in cands] == [2, 1, 0]
+        for c in cands:
+            rec = json.loads(lines[::-1][c["pool_line"] - 1])
+            assert (rec["problem_id"], rec["candidate_id"]) == (int(pid), c["candidate_id"])

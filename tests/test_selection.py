@@ -339,10 +339,13 @@ def test_weights_are_distributions_and_order_free(rows, budget, seed):
 
 
 def table_from(rows, shuffle_rng=None, **extra):
-    """A ScoreTable from energy rows, candidate ids 10·k; optionally shuffled dict order."""
+    """A ScoreTable from energy rows, candidate ids 10·k; optionally shuffled dict order.
+
+    Rows carry their pool position (pool_line, in problem then candidate order), so the
+    tie order does not depend on the order the scores file lists them in."""
     problems = {}
     for pid, r in enumerate(rows):
-        cands = [{"candidate_id": 10 * k, "teacher": f"t{k}",
+        cands = [{"candidate_id": 10 * k, "teacher": f"t{k}", "pool_line": 1000 * pid + k,
                   "g_hat": None if np.isnan(x) else float(x),
                   **{f: float(v[pid][k]) for f, v in extra.items()}} for k, x in enumerate(r)]
         if shuffle_rng is not None:
@@ -585,3 +588,35 @@ def test_load_scores_reads_nan_literals(tmp_path):
     t = load_scores(path, need=("g_hat",))
     assert t.candidate_ids.tolist() == [[0, 1]]
     assert t.fields["g_hat"][0, 0] == 0.5 and np.isnan(t.fields["g_hat"][0, 1])
+
+
+@pytest.mark.parametrize("layout", ["pool_line", "scores file order", "pool file (re-read)"])
+def test_ties_break_by_position_in_the_pool_file(tmp_path, layout):
+    """Equal ĝ for candidates 0, 2, 3, listed in the pool as 3, 1, 2, 0: the reference
+    (a stable sort of pool-ordered rows by ĝ) keeps 3 first, then 2; candidate-id order
+    would keep 0. The scores may carry pool_line (lark-jax's scorer), list rows in pool
+    order (the reference's scorer), or neither (then select re-reads the pool's order)."""
+    e = {0: 0.5, 1: 0.2, 2: 0.5, 3: 0.5}
+    pool_order = [3, 1, 2, 0]
+    pool = tmp_path / "pool.jsonl"
+    with open(pool, "w") as f:
+        for cid in pool_order:
+            f.write(json.dumps({"problem_id": 7, "candidate_id": cid, "teacher": f"t{cid}",
+                                "messages": [{"role": "user", "content": "q"},
+                                             {"role": "assistant", "content": f"a{cid}"}]})
+                    + "\n")
+    listed = pool_order if layout == "scores file order" else sorted(e)
+    rows = [{"candidate_id": c, "teacher": f"t{c}", "L": 1.0, "Brier": 0.5, "rho": 0.5,
+             "g_hat": e[c], **({"pool_line": pool_order.index(c) + 1}
+                               if layout == "pool_line" else {})} for c in listed]
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({"method": "lark_ghat", "scores": {"7": rows}}))
+    # The reference's rule, written out: stable sort of the pool-ordered rows by -ĝ.
+    ranked = sorted(pool_order, key=lambda c: -e[c])
+    for budget, extra in ((1, ()), (2, ()), (2, ("--global-budget", "2"))):
+        records, manifest = run_select(tmp_path, pool, scores, "--budget", str(budget), *extra)
+        got = {r["meta"]["candidate_id"]: r["meta"]["train_weight"] for r in records}
+        assert list(got) == sorted(ranked[:budget]) and ranked[:2] == [3, 2]
+        assert all(w == pytest.approx(1 / budget) for w in got.values())  # the tie rule
+        assert layout in manifest["tie_order"] and "earlier in the pool file" in \
+            manifest["tie_order"]

@@ -273,7 +273,7 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
         for r, s, i in batch.slots:
             rec = recs[i]
             row = {"problem_id": rec.problem_id, "candidate_id": rec.candidate_id,
-                   "teacher": rec.teacher}
+                   "teacher": rec.teacher, "pool_line": rec.line}
             row.update({k: float(x) for k, x in zip(STATS, sums[r, s], strict=True)})
             row["tokens"] = int(round(row["tokens"]))
             if grads is not None:

@@ -40,6 +40,8 @@ def trajectory_stats(row: dict, brier: str = "topk", estimator: str = "proxy") -
         "rsr": row["rank"] / row["ce"] if row["ce"] > EPS else math.inf,
         "mean_rank": row["rank"] / t,
     }
+    if "pool_line" in row:  # the record's line in the pool: select's tie order
+        out["pool_line"] = row["pool_line"]
     if estimator == "gradient":
         out["grad_sq"] = row["grad_sq"]
         out["rho_proxy"] = rho_proxy
@@ -59,13 +61,15 @@ def g_hat(losses: np.ndarray, rhos: np.ndarray) -> np.ndarray:
 
 def build_scores(rows: list[dict], brier: str = "topk",
                  estimator: str = "proxy") -> dict[str, list[dict]]:
-    """{str(problem_id): [per-candidate dict ...]} sorted by problem then candidate id."""
+    """{str(problem_id): [per-candidate dict ...]} sorted by problem, then by position in
+    the pool file (as the reference's scorer lists them), candidate id where unknown."""
     by_problem: dict[int, list[dict]] = defaultdict(list)
     for row in rows:
         by_problem[row["problem_id"]].append(trajectory_stats(row, brier, estimator))
     out = {}
     for pid in sorted(by_problem):
-        cands = sorted(by_problem[pid], key=lambda r: r["candidate_id"])
+        cands = sorted(by_problem[pid],
+                       key=lambda r: (r.get("pool_line", math.inf), r["candidate_id"]))
         g = g_hat(np.array([c["L"] for c in cands]), np.array([c["rho"] for c in cands]))
         for c, gk in zip(cands, g, strict=True):
             c["g_hat"] = float(gk)

@@ -123,8 +123,13 @@ def select(table: ScoreTable, policy: str = "lark", budget: int = 1, *,
         return _global(table, e, mask, global_budget, solver, tau, tol, max_iters)
 
 
+def _tie_keys(table) -> np.ndarray:
+    """Equal ĝ: the candidate earlier in the pool file first (ScoreTable.order)."""
+    return table.candidate_ids if table.order is None else table.order
+
+
 def _per_problem(table, e, mask, budget, solver, tau, tol, max_iters) -> Selection:
-    cf = closed_form(e, budget, mask, keys=table.candidate_ids)
+    cf = closed_form(e, budget, mask, keys=_tie_keys(table))
     status = np.asarray(cf.status)
     info = {"status": _status_counts(status)}
     weights, chosen = np.asarray(cf.weights), np.asarray(cf.selected)
@@ -159,7 +164,7 @@ def _support(q: np.ndarray, solver: str, tol: float | None) -> np.ndarray:
 
 def _global(table, e, mask, m, solver, tau, tol, max_iters) -> Selection:
     n = table.n_problems
-    gcf = global_closed_form(e, m, mask)
+    gcf = global_closed_form(e, m, mask, keys=None if table.order is None else table.order)
     chosen = np.asarray(gcf.selected)
     weights = np.asarray(gcf.weights)
     info = {"status": _status_counts(np.asarray(gcf.status)[None]),

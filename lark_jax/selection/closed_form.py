@@ -2,7 +2,8 @@
 
 Per problem, with energies e = ĝ (NaN or ±inf: never selected) and budget B:
 
-    A      = the top-B valid candidates by e (ties: lower key first; keys are candidate ids)
+    A      = the top-B valid candidates by e (ties: lower key first; select passes
+             the candidates' positions in the pool file, as the reference orders them)
     t      = e_(B+1), the energy of the best excluded valid candidate, or, when there are
              fewer than B+1 valid candidates, min_A e − 1e-8 (just below the lowest selected)
     mean_A = mean of e over A
@@ -303,24 +304,25 @@ def global_prior(mask) -> jax.Array:
     return jnp.where(mask, 1.0 / (jnp.maximum(n, 1) * jnp.maximum(k_n, 1)), 0.0)
 
 
-def global_closed_form(e, budget: int, mask=None, *, prior=None) -> ClosedForm:
+def global_closed_form(e, budget: int, mask=None, *, prior=None, keys=None) -> ClosedForm:
     """One χ² distribution over every trajectory of the pool keeping the global top ``budget``.
 
     Solves ``max_Q <Q, e> − τ D_χ²(Q ‖ P)`` over the simplex of all trajectories (``[N, K]``
     flattened), with P = :func:`global_prior` unless given, and τ = τ_M chosen so that the
     support is exactly the global top-M by energy (M = ``budget``): ``t = e_(M+1)``,
     ``Q_i = P_i (e_i − t) / Σ_{j∈A} P_j (e_j − t)``; the same edge rules as per problem.
-    Ties are broken by position in row-major order (rows sorted by problem id and candidates
-    by candidate id, as the I/O layer lays them out). Returns weights ``[N, K]`` summing to 1
-    over the whole pool, and scalar ``tau``/``threshold``/``status``.
+    Ties are broken by ``keys`` (``[N, K]``, distinct over the whole pool; default: position
+    in row-major order, rows by problem id and candidates by candidate id). Returns weights
+    ``[N, K]`` summing to 1 over the whole pool, and scalar ``tau``/``threshold``/``status``.
     """
     if budget < 1:
         raise ValueError("budget must be >= 1")
     e = jnp.asarray(e)
     mask = jnp.ones(e.shape, bool) if mask is None else jnp.asarray(mask, bool)
     prior = global_prior(mask).astype(e.dtype) if prior is None else jnp.asarray(prior, e.dtype)
-    flat = (e.reshape(1, -1), mask.reshape(1, -1), prior.reshape(1, -1),
-            jnp.arange(e.size, dtype=jnp.int32).reshape(1, -1))
+    keys = (jnp.arange(e.size, dtype=jnp.int32) if keys is None
+            else jnp.asarray(keys)).reshape(1, -1)
+    flat = (e.reshape(1, -1), mask.reshape(1, -1), prior.reshape(1, -1), keys)
     cf = _closed_form(*flat, jnp.asarray(budget, jnp.int32), "sort")
     return ClosedForm(cf.weights.reshape(e.shape), cf.selected.reshape(e.shape), cf.tau[0],
                       cf.threshold[0], cf.status[0])

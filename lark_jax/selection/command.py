@@ -16,7 +16,13 @@ from lark_jax.errors import LarkError
 from lark_jax.progress import Reporter
 from lark_jax.selection import POLICIES, SOLVERS, select
 from lark_jax.selection.baselines import needed_fields
-from lark_jax.selection.io import gather_pool, json_number, load_scores, write_selection
+from lark_jax.selection.io import (
+    gather_pool,
+    json_number,
+    load_scores,
+    pool_order_agrees,
+    write_selection,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,12 +87,29 @@ def run(args, rep: Reporter) -> None:
                  global_budget=args.global_budget, seed=args.seed, tol=args.tol,
                  max_iters=args.max_iters)
 
-    rows, cols = np.nonzero(sel.chosen)  # row-major: problem order, then candidate id
-    pids = table.problem_ids[rows].tolist()
-    cids = table.candidate_ids[rows, cols].tolist()
-    wanted = set(zip(pids, cids, strict=True))
+    def chosen_keys(sel):
+        rows, cols = np.nonzero(sel.chosen)  # row-major: problem order, then candidate id
+        pids = table.problem_ids[rows].tolist()
+        cids = table.candidate_ids[rows, cols].tolist()
+        return rows, cols, pids, cids, set(zip(pids, cids, strict=True))
+
+    rows, cols, pids, cids, wanted = chosen_keys(sel)
+    positions: list = []
     with rep.bar(None, "read pool", unit="rec") as advance:
-        found, unscored = gather_pool(args.pool, table, wanted, progress=advance)
+        found, unscored = gather_pool(args.pool, table, wanted, progress=advance,
+                                      positions=positions)
+    tie_order = table.order_source
+    if args.policy == "lark" and not pool_order_agrees(table, positions[0]):
+        # The scores list candidates in another order than this pool file (a re-ordered
+        # pool, or scores from elsewhere): select again with the pool's own order.
+        table.order, tie_order = positions[0], "pool file (re-read)"
+        sel = select(table, args.policy, args.budget, solver=solver, tau=args.tau,
+                     global_budget=args.global_budget, seed=args.seed, tol=args.tol,
+                     max_iters=args.max_iters)
+        rows, cols, pids, cids, wanted = chosen_keys(sel)
+        if not wanted <= found.keys():
+            with rep.bar(None, "read pool again", unit="rec") as advance:
+                found, unscored = gather_pool(args.pool, table, wanted, progress=advance)
 
     train_w = sel.weights[rows, cols] * sel.train_scale
     scores = sel.score[rows, cols]
@@ -113,6 +136,9 @@ def run(args, rep: Reporter) -> None:
         "tau": args.tau if args.tau is not None else ("implied" if sel.policy == "lark"
                                                       else None),
         "seed": args.seed,
+        "tie_order": ("equal scores: the candidate earlier in the pool file first "
+                      f"(taken from: {tie_order})" if args.policy == "lark"
+                      else "equal scores: lower candidate_id first"),
         "scores": os.fspath(args.scores),
         "pool": os.fspath(args.pool),
         "out": os.fspath(args.out),

@@ -7,7 +7,11 @@ Scores (docs/method.md, "Reference data formats")::
 
 Numbers may be NaN / Infinity (Python's JSON) or null, both read as NaN. A
 :class:`ScoreTable` holds them as padded ``[N, Kmax]`` arrays: problems in ascending id,
-candidates in ascending candidate id (the order every tie-break relies on).
+candidates in ascending candidate id. ``order`` is the tie order of the LARK policy, the
+candidates' order in the pool file (the reference's: its selection sorts the pool-ordered
+rows stably by ĝ): each row's ``pool_line`` where every row has one (lark-jax's scorer
+writes it), else the rows' order in the scores file (the reference's scorer lists them in
+pool order). ``gather_pool`` checks it against the pool itself.
 
 Output: one JSON line per selected trajectory,
 ``{"messages": [...], "meta": {"problem_id", "candidate_id", "teacher", "policy", "budget",
@@ -57,6 +61,8 @@ class ScoreTable:
     fields: dict[str, np.ndarray]  # name -> [N, K] float64, NaN on padding
     source: str = "scores"
     n_empty: int = 0  # problems listed with no candidate (left out of the table)
+    order: np.ndarray | None = None  # [N, K] int64 tie keys (module docstring); pad = max
+    order_source: str = "candidate_id"  # "pool_line" | "scores file order" | ...
 
     @property
     def n_problems(self) -> int:
@@ -119,7 +125,9 @@ class ScoreTable:
                 if not isinstance(teacher, str):
                     raise LarkError(f"field 'teacher' must be a string, got {teacher!r}",
                                     where=w)
-                vals = {"candidate_id": cid, "teacher": teacher}
+                line = row.get("pool_line")
+                vals = {"candidate_id": cid, "teacher": teacher, "_pos": i,
+                        "_line": line if _is_int(line) else None}
                 for f in need:
                     if f not in row:
                         raise LarkError(f"missing field {f!r} (needed by this policy)",
@@ -141,15 +149,19 @@ class ScoreTable:
             f in r for _, rows in parsed for r in rows)]
         fields = {f: np.full((n, kmax), np.nan) for f in kept}
         teachers = []
+        by_line = all(r["_line"] is not None for _, rows in parsed for r in rows)
+        order = np.full((n, kmax), np.iinfo(np.int64).max, np.int64)
         for i, (_, rows) in enumerate(parsed):
             k = len(rows)
+            order[i, :k] = [r["_line"] if by_line else i * kmax + r["_pos"] for r in rows]
             cand[i, :k] = [r["candidate_id"] for r in rows]
             mask[i, :k] = True
             for f in kept:
                 fields[f][i, :k] = [r[f] for r in rows]
             teachers.append([r["teacher"] for r in rows])
         pids = np.array([pid for pid, _ in parsed], np.int64)
-        return cls(pids, cand, mask, teachers, fields, source, n_empty)
+        return cls(pids, cand, mask, teachers, fields, source, n_empty, order,
+                   "pool_line" if by_line else "scores file order")
 
 
 def load_scores(path: str | os.PathLike, *, need: Sequence[str] = (),
@@ -179,10 +191,22 @@ def _as_rows(pairs: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pairs, np.int64).view(np.dtype((np.void, 16))).ravel()
 
 
+def pool_order_agrees(table: ScoreTable, positions: np.ndarray) -> bool:
+    """Whether ``table.order`` ranks every problem's candidates as ``positions`` does."""
+    big = np.iinfo(np.int64).max
+    a = np.argsort(np.where(table.mask, table.order, big), axis=-1, kind="stable")
+    b = np.argsort(np.where(table.mask, positions, big), axis=-1, kind="stable")
+    return bool(np.array_equal(np.where(np.take_along_axis(table.mask, a, -1), a, -1),
+                               np.where(np.take_along_axis(table.mask, b, -1), b, -1)))
+
+
 def gather_pool(pool: str | os.PathLike, table: ScoreTable, wanted: set[tuple[int, int]],
-                progress: Callable[[int], None] | None = None
+                progress: Callable[[int], None] | None = None, positions: list | None = None
                 ) -> tuple[dict[tuple[int, int], tuple[str, tuple[dict, ...]]], int]:
     """Stream the pool once: ``({key: (teacher, messages)} for wanted keys, n_unscored)``.
+
+    With ``positions=[]`` the list receives one ``[N, K]`` int64 array: every scored
+    candidate's record index in the pool file (padding: -1).
 
     Every scored candidate must be in the pool; otherwise a :class:`LarkError` names the
     scores file and the first missing (problem, candidate). Pool records that were not scored
@@ -210,6 +234,18 @@ def gather_pool(pool: str | os.PathLike, table: ScoreTable, wanted: set[tuple[in
                         f"(first: problem {pid}, candidate {cid}); were these scores made "
                         f"from another pool?", where=table.source)
     # iter_pool rejects duplicate keys, so every scored key matches exactly one pool record.
+    if positions is not None:
+        # Sort pool and scored keys together (pool first on equal keys): each scored key
+        # sits right after its pool record.
+        both = np.concatenate([in_pool, scored])
+        tag = np.r_[np.zeros(len(in_pool), np.int64), np.ones(len(scored), np.int64)]
+        srt = np.lexsort((tag, both[:, 1], both[:, 0]))
+        at = np.nonzero(tag[srt] == 1)[0]
+        pos = np.full(table.mask.shape, -1, np.int64)
+        flat = np.empty(len(scored), np.int64)
+        flat[srt[at] - len(in_pool)] = srt[at - 1]
+        pos[table.mask] = flat
+        positions.append(pos)
     return found, len(in_pool) - len(scored)
 
 
