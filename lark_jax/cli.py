@@ -226,6 +226,9 @@ def _add_train(p):
                    help="record: sum_r w_r*meanCE_r / sum_r w_r (default); reference: the "
                         "published runs' plain mean of per-record mean CE (weights only "
                         "zero out); token: sum_t w*CE / sum_t w")
+    p.add_argument("--system-turn", default="keep", choices=["keep", "empty"],
+                   help="empty: replace each record's system messages by one empty system "
+                        "turn, as the reference's SFT data does (default: keep them)")
     p.add_argument("--warmup-ratio", type=float, default=0.05,
                    help="warm-up steps = ceil(ratio x total steps), as in HF Trainer")
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -258,7 +261,8 @@ def _run_train(args, rep: Reporter) -> None:
 
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                       max_length=args.max_length, max_steps=args.max_steps,
-                      objective=args.objective, warmup_ratio=args.warmup_ratio,
+                      objective=args.objective, system_turn=args.system_turn,
+                      warmup_ratio=args.warmup_ratio,
                       weight_decay=args.weight_decay,
                       micro_batch_tokens=args.micro_batch_tokens, save_every=args.save_every,
                       keep=args.keep, seed=args.seed, dtype=args.dtype, remat=args.remat,

@@ -404,3 +404,23 @@ def test_two_level_logsumexp_is_float64_accurate_with_softmax_gradient():
     g = np.asarray(jax.grad(lambda x: logsumexp(x).sum())(jnp.asarray(z[:, :1001])))
     sm = np.exp(z64[:, :1001] - z64[:, :1001].max(-1, keepdims=True))
     np.testing.assert_allclose(g, sm / sm.sum(-1, keepdims=True), atol=1e-7)
+
+
+def test_system_turn_empty_rebuilds_the_messages(hf_students, tmp_path):
+    d, _ = hf_students["qwen2_bias_tied"]
+    tok = lark_jax.load_student(d, mesh=one_device(), tokenizer=True).tokenizer
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=2)  # problem 1 has a system turn
+    sel = write_selection(tmp_path / "train.jsonl", pool)
+    recs = [json.loads(x)["messages"] for x in open(sel)]
+    kept, _ = read_selection(sel, tok, 4096)
+    empty, _ = read_selection(sel, tok, 4096, system_turn="empty")
+    for msgs, a, b in zip(recs, kept, empty, strict=True):
+        rebuilt = [{"role": "system", "content": ""}] + [m for m in msgs
+                                                         if m["role"] != "system"]
+        assert b.tok.ids.tolist() == tokenize_record(tok, rebuilt, 4096).ids.tolist()
+        assert a.tok.ids.tolist() == tokenize_record(tok, msgs, 4096).ids.tolist()
+        assert a.tok.ids.tolist() != b.tok.ids.tolist()
+        # the assistant span itself is unchanged
+        assert a.tok.ids[a.tok.start:].tolist() == b.tok.ids[b.tok.start:].tolist()
+    with pytest.raises(LarkError, match="--system-turn must be one of"):
+        TrainConfig(system_turn="none").validate()

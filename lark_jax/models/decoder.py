@@ -270,7 +270,7 @@ class Decoder(nnx.Module):
         return x, new_kv
 
 
-MLP_CHUNK_TOKENS = 8192
+MLP_CHUNK_TOKENS = 4096
 
 
 def pow2_chunk(n: int, cap: int) -> int:

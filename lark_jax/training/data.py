@@ -32,16 +32,26 @@ class Example:
     line: int
 
 
+SYSTEM_TURNS = ("keep", "empty")
+
+
 def read_selection(path: str | Path, tokenizer, max_length: int,
-                   objective: str = "record") -> tuple[list[Example], int]:
+                   objective: str = "record", system_turn: str = "keep"
+                   ) -> tuple[list[Example], int]:
     """Validate and tokenize a selection file; returns (examples, n_skipped_empty_span).
 
     Records with train_weight 0 contribute nothing to any objective; they are
     dropped, except under ``objective="reference"``, where they keep their slot
     in the steps and in each step's record count (the published runs do that).
+    ``system_turn="empty"`` replaces each record's system messages by one empty
+    system turn (the reference's SFT data rebuilds its messages so; with Qwen's
+    template an absent system turn would insert the default system prompt instead).
     """
     if objective not in OBJECTIVES:
         raise LarkError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
+    if system_turn not in SYSTEM_TURNS:
+        raise LarkError(f"unknown system turn rule {system_turn!r} (choose from "
+                        f"{', '.join(SYSTEM_TURNS)})")
     examples, skipped, n_positive, n_zero = [], 0, 0, 0
     for where, lineno, obj in iter_jsonl(path, "training data"):
         msgs = obj.get("messages") if isinstance(obj, dict) else None
@@ -60,6 +70,9 @@ def read_selection(path: str | Path, tokenizer, max_length: int,
                 or w < 0:
             raise LarkError(f"meta.train_weight must be a finite number >= 0, got {w!r}",
                             where=where)
+        if system_turn == "empty":
+            msgs = [{"role": "system", "content": ""}] + [m for m in msgs
+                                                          if m["role"] != "system"]
         tok = tokenize_record(tokenizer, msgs, max_length, where=where)
         if tok.n_targets == 0:
             skipped += 1

@@ -42,6 +42,7 @@ from lark_jax.models.decoder import ATTN_IMPLS, Decoder
 from lark_jax.models.io import load_student, resolve_dtype, save_student
 from lark_jax.parallel import data_sharding, make_mesh
 from lark_jax.training.data import (
+    SYSTEM_TURNS,
     StepPlan,
     read_selection,
     step_denominator,
@@ -59,6 +60,7 @@ class TrainConfig:
     max_length: int = 32768  # the reference's; the final <|im_end|> may be cut
     max_steps: int | None = None  # exactly this many steps, overriding epochs (HF Trainer)
     objective: str = "record"  # "record" | "reference" | "token" (training.objective)
+    system_turn: str = "keep"  # "keep" | "empty" (the reference's rebuilt messages)
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     clip_norm: float = 1.0
@@ -83,6 +85,8 @@ class TrainConfig:
             raise LarkError("--lr must be > 0")
         if not 0 <= self.warmup_ratio <= 1:
             raise LarkError("--warmup-ratio must be in [0, 1]")
+        if self.system_turn not in SYSTEM_TURNS:
+            raise LarkError(f"--system-turn must be one of {', '.join(SYSTEM_TURNS)}")
         if self.objective not in OBJECTIVES:
             raise LarkError(f"--objective must be one of {', '.join(OBJECTIVES)}, "
                             f"got {self.objective!r}")
@@ -341,7 +345,8 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
     mesh = mesh if mesh is not None else make_mesh()
     student = load_student(student_dir, "float32", mesh=mesh,
                            attn_impl=cfg.attention)
-    examples, n_skipped = read_selection(data, student.tokenizer, cfg.max_length, cfg.objective)
+    examples, n_skipped = read_selection(data, student.tokenizer, cfg.max_length, cfg.objective,
+                                         cfg.system_turn)
     plan = StepPlan(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.seed)
     total = plan.total_steps
     row_len = _row_length(examples, cfg.max_length)
