@@ -183,7 +183,8 @@ class Decoder(nnx.Module):
           cache: a KVCache; the T new keys/values are written at slots
             ``cache_index .. cache_index+T-1`` and attention covers every valid slot
             at or before each query's slot. Returns ``(hidden, new_cache)`` then.
-          cache_index: int scalar, the slot of input_ids[:, 0] in the cache.
+          cache_index: int scalar, the slot of input_ids[:, 0] in the cache; or int [B],
+            a slot per row (rows at different lengths: continuous batching).
         """
         cfg = self.cfg
         b, t = input_ids.shape
@@ -211,7 +212,10 @@ class Decoder(nnx.Module):
 
         s_len = cache.k.shape[2]
         cache_index = jnp.asarray(cache_index, jnp.int32)
-        q_idx = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
+        # A scalar index: every row writes at the same slots; a vector [B]: row b writes
+        # at its own slots cache_index[b] .. + T - 1 (continuous batching).
+        start = cache_index[:, None] if cache_index.ndim else cache_index
+        q_idx = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         kv_idx = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (b, s_len))
         zeros = jnp.zeros((b, s_len), jnp.int32)
         ctx = dict(q_idx=q_idx, kv_idx=kv_idx, q_seg=jnp.zeros((b, t), jnp.int32), kv_seg=zeros,
@@ -244,8 +248,14 @@ class Decoder(nnx.Module):
         new_kv = None
         if cache_kv is not None:
             ck, cv = cache_kv
-            k = lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-            v = lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            if jnp.ndim(cache_index):
+                rows = jnp.arange(b)[:, None]
+                cols = cache_index[:, None] + jnp.arange(t)[None]
+                k = ck.at[rows, cols].set(k.astype(ck.dtype), mode="drop")
+                v = cv.at[rows, cols].set(v.astype(cv.dtype), mode="drop")
+            else:
+                k = lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+                v = lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
             new_kv = (k, v)
         impl = self.attn_impl
         if cache_kv is not None and impl == "flash":

@@ -1,145 +1,306 @@
-"""Batched, KV-cached, jitted sampling from a student.
+"""Batched, KV-cached, jitted generation with continuous batching.
 
-Prompts are left-padded to a bucketed length P (a multiple of 64, so a run
-compiles a few programs, not one per prompt); the cache holds P + max_new
-slots. Prefill writes all prompt keys at once, then one token per step under
-``lax.while_loop``, which exits early once every row has produced an eos.
-Temperature 0 is greedy (argmax); otherwise tokens are drawn from
-softmax(z / T) restricted to the smallest top-p nucleus.
+A fixed number of *slots* decode together. Each slot holds one sequence in its
+own row of the KV cache (capacity: the longest prompt's bucket + max_new), at
+its own length: keys and values are written at per-row indices, and attention
+covers the row's valid slots at or before its position. Decoding runs in jitted
+chunks of ``chunk`` steps; between chunks the host collects the new tokens,
+ends the rows that stopped (eos, the token limit, or a host-side ``stop``
+check such as a complete ``\\boxed{...}``), and prefills waiting prompts into
+the freed slots, so the batch stays full when lengths vary.
+
+Randomness is per sequence: the draw for token t of the sequence with key r is
+made from ``fold_in(fold_in(key(seed), r), t)``, so a sequence's tokens do not
+depend on the batch size, on which slot it lands in, or on what else is in the
+batch (``keys`` default to the prompt's index).
+
+Next-token choice: ``lark_jax.models.sampling`` (repetition penalty, exact top-p
+without a sort, greedy at temperature 0).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lark_jax.errors import LarkError
 from lark_jax.models.decoder import KVCache
+from lark_jax.models.sampling import choose
 from lark_jax.parallel import data_sharding, replicated
 
-PROMPT_BUCKET = 64
+PROMPT_BUCKET = 64  # prompts are padded to a multiple of this: a few compiled shapes
+CHUNK = 16  # decoding steps per jitted call (the host checks stops in between)
 
 
-def _sample(logits, key, temperature, top_p, greedy: bool):
-    logits = logits.astype(jnp.float32)
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    z = logits / temperature
-    order = jnp.argsort(-z, axis=-1)
-    z_sorted = jnp.take_along_axis(z, order, axis=-1)
-    p_sorted = jax.nn.softmax(z_sorted, axis=-1)
-    # Keep a token if the mass strictly before it is < top_p (the first always stays).
-    keep = (jnp.cumsum(p_sorted, axis=-1) - p_sorted) < top_p
-    z_sorted = jnp.where(keep, z_sorted, -jnp.inf)
-    choice = jax.random.categorical(key, z_sorted, axis=-1)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+def _keys(base, row_keys, steps):
+    """Per-row PRNG keys for token ``steps[b]`` of sequence ``row_keys[b]``."""
+    return jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(base, r), t))(
+        row_keys, steps)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy"))
-def _generate_jit(graphdef, state, ids, mask, key, temperature, top_p, eos_ids, pad_id, *,
-                  max_new: int, greedy: bool):
-    model = nnx.merge(graphdef, state)
-    b, p_len = ids.shape
-    s_len = p_len + max_new
-    cache = KVCache.empty(model.cfg, b, s_len, model.dtype)
-    valid = jnp.zeros((b, s_len), bool).at[:, :p_len].set(mask)
-    cache = cache._replace(valid=valid)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    lengths = mask.sum(axis=1).astype(jnp.int32)
-    hidden, cache = model.hidden_states(ids, positions, cache=cache, cache_index=0)
-    key, sub = jax.random.split(key)
-    token = _sample(model.logits(hidden[:, -1]), sub, temperature, top_p, greedy)
-    out = jnp.full((b, max_new), pad_id, jnp.int32)
-    done = jnp.zeros((b,), bool)
+def _choose(model, hidden, seen, base, row_keys, steps, temperature, top_p, penalty, *,
+            greedy, use_penalty):
+    return choose(model.logits(hidden), _keys(base, row_keys, steps), temperature=temperature,
+                  top_p=top_p, greedy=greedy, penalty=penalty if use_penalty else None,
+                  seen=seen)
 
-    def cond(carry):
-        i, _, _, _, done, _ = carry
-        return (i < max_new) & ~jnp.all(done)
 
-    def body(carry):
-        i, out, cache, token, done, key = carry
-        out = out.at[:, i].set(jnp.where(done, pad_id, token))
-        done = done | jnp.isin(token, eos_ids)
-        slot = p_len + i
-        cache = cache._replace(valid=cache.valid.at[:, slot].set(True))
-        hidden, cache = model.hidden_states(
-            token[:, None], (lengths + i)[:, None], cache=cache, cache_index=slot)
-        key, sub = jax.random.split(key)
-        token = _sample(model.logits(hidden[:, 0]), sub, temperature, top_p, greedy)
-        return i + 1, out, cache, token, done, key
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "use_penalty"),
+                   donate_argnames=("state",))
+def _admit(graphdef, params, state, slots, ids, lengths, row_keys, base, temperature, top_p,
+           penalty, *, greedy: bool, use_penalty: bool):
+    """Prefill ``ids`` [n, P] (right-padded, ``lengths`` real tokens) into ``slots`` [n].
 
-    _, out, *_ = lax.while_loop(cond, body, (jnp.int32(0), out, cache, token, done, key))
-    return out
+    Slot entries >= the number of slots are padding and are dropped. Returns the new
+    state; each admitted row has its first token drawn and is live.
+    """
+    model = nnx.merge(graphdef, params)
+    n, p_len = ids.shape
+    cap = state["cache"].k.shape[2]
+    valid = jnp.arange(cap)[None] < lengths[:, None]
+    small = KVCache.empty(model.cfg, n, cap, model.dtype)._replace(valid=valid)
+    positions = jnp.broadcast_to(jnp.arange(p_len, dtype=jnp.int32), (n, p_len))
+    hidden, small = model.hidden_states(ids, positions, cache=small, cache_index=0)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    v = model.cfg.vocab_size
+    seen = jnp.zeros((n, v), bool)
+    if use_penalty:
+        real = jnp.arange(p_len)[None] < lengths[:, None]
+        seen = seen.at[jnp.arange(n)[:, None], ids].max(real)
+    steps = jnp.zeros((n,), jnp.int32)
+    tok = _choose(model, last, seen, base, row_keys, steps, temperature, top_p, penalty,
+                  greedy=greedy, use_penalty=use_penalty)
+    cache = state["cache"]
+    new = dict(state)
+    new["cache"] = KVCache(cache.k.at[:, slots].set(small.k, mode="drop"),
+                           cache.v.at[:, slots].set(small.v, mode="drop"),
+                           cache.valid.at[slots].set(valid, mode="drop"))
+    new["pos"] = state["pos"].at[slots].set(lengths, mode="drop")
+    new["tok"] = state["tok"].at[slots].set(tok, mode="drop")
+    new["steps"] = state["steps"].at[slots].set(0, mode="drop")
+    new["row_keys"] = state["row_keys"].at[slots].set(row_keys, mode="drop")
+    new["live"] = state["live"].at[slots].set(True, mode="drop")
+    if use_penalty:
+        new["seen"] = state["seen"].at[slots].set(seen, mode="drop")
+    return new
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "greedy", "use_penalty"),
+                   donate_argnames=("state",))
+def _decode(graphdef, params, state, live, base, temperature, top_p, penalty, eos_ids,
+            max_new, pad_id, *, chunk: int, greedy: bool, use_penalty: bool):
+    """``chunk`` steps for every slot. Emits each live row's pending token, ends rows at
+    eos or at ``max_new`` tokens, feeds the others and draws their next token.
+
+    Returns (state, tokens [S, chunk], emitted [S] (tokens emitted per row; eos
+    included), live [S]).
+    """
+    model = nnx.merge(graphdef, params)
+    s_rows = live.shape[0]
+    rows = jnp.arange(s_rows)
+
+    def body(i, carry):
+        st, live, out, emitted = carry
+        tok = st["tok"]
+        out = out.at[:, i].set(jnp.where(live, tok, pad_id))
+        emitted = emitted + live
+        steps = st["steps"] + live
+        stop = jnp.isin(tok, eos_ids) | (steps >= max_new)
+        live = live & ~stop
+        cache = st["cache"]
+        pos = st["pos"]
+        cache = cache._replace(valid=cache.valid.at[rows, pos].max(live, mode="drop"))
+        hidden, cache = model.hidden_states(tok[:, None], pos[:, None], cache=cache,
+                                            cache_index=pos)
+        seen = st["seen"]
+        if use_penalty:
+            seen = seen.at[rows, tok].max(live)
+        nxt = _choose(model, hidden[:, 0], seen, base, st["row_keys"], steps, temperature,
+                      top_p, penalty, greedy=greedy, use_penalty=use_penalty)
+        st = dict(st, cache=cache, seen=seen, steps=steps,
+                  pos=jnp.where(live, pos + 1, pos), tok=jnp.where(live, nxt, tok))
+        return st, live, out, emitted
+
+    out = jnp.full((s_rows, chunk), pad_id, jnp.int32)
+    emitted = jnp.zeros((s_rows,), jnp.int32)
+    state, live, out, emitted = jax.lax.fori_loop(0, chunk, body,
+                                                  (state, live, out, emitted))
+    return state, out, emitted, live
+
+
+def _bucket(n: int, size: int = PROMPT_BUCKET) -> int:
+    return -(-n // size) * size
+
+
+class _Engine:
+    """The slot table of one ``generate_ids`` call (host side of continuous batching)."""
+
+    def __init__(self, student, n_slots: int, cap: int, use_penalty: bool):
+        self.graphdef, self.params = nnx.split(student.model)
+        self.mesh = student.mesh
+        cfg = student.config
+        dt = student.model.dtype
+        shard = data_sharding(self.mesh, 1)
+        put = lambda x: jax.device_put(x, shard)  # noqa: E731
+        cache = KVCache.empty(cfg, n_slots, cap, dt)
+        kv = NamedSharding(self.mesh, P(None, "data"))  # [L, slots, cap, kv heads, head]
+        self.state = {
+            "cache": KVCache(jax.device_put(cache.k, kv), jax.device_put(cache.v, kv),
+                             jax.device_put(cache.valid, data_sharding(self.mesh, 2))),
+            "pos": put(np.zeros(n_slots, np.int32)),
+            "tok": put(np.zeros(n_slots, np.int32)),
+            "steps": put(np.zeros(n_slots, np.int32)),
+            "row_keys": put(np.zeros(n_slots, np.uint32)),
+            "live": put(np.zeros(n_slots, bool)),
+            "seen": put(np.zeros((n_slots, cfg.vocab_size if use_penalty else 1), bool)),
+        }
 
 
 def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 batch_size: int = 32, progress=None) -> list[list[int]]:
-    """Token-level generation: returns the new tokens of each prompt, up to and excluding eos."""
+                 batch_size: int = 32, progress=None, *, repetition_penalty: float = 1.0,
+                 keys: Sequence[int] | None = None,
+                 stop: Callable[[list[int]], int | None] | None = None,
+                 on_result: Callable[[int, list[int]], None] | None = None,
+                 chunk: int = CHUNK) -> list[list[int]]:
+    """New tokens of each prompt, up to and excluding eos (or up to a ``stop`` cut).
+
+    Args:
+      batch_size: decoding slots (rounded to the data-parallel width).
+      repetition_penalty: HF semantics over prompt + generated ids (1.0: off).
+      keys: one non-negative integer per prompt naming its random stream (default: its
+        index); equal keys and prompts give equal samples whatever the batching.
+      stop: ``stop(tokens) -> n or None``, checked on the host after each chunk: n ends the
+        sequence keeping its first n tokens (e.g. at a complete ``\\boxed{}``). It must be
+        monotone: true of a sequence, true of every extension.
+      on_result: called as ``on_result(i, tokens)`` when prompt i finishes (any order).
+      chunk: decoding steps per jitted call between host stop checks.
+    """
     if max_new_tokens < 1:
         raise LarkError("max_new_tokens must be >= 1")
     if temperature < 0 or not 0 < top_p <= 1:
         raise LarkError("need temperature >= 0 and 0 < top_p <= 1")
+    if not repetition_penalty > 0:
+        raise LarkError(f"repetition penalty must be > 0, got {repetition_penalty}")
+    if chunk < 1:
+        raise LarkError("chunk must be >= 1")
     eos = student.eos_token_ids
     if not eos:
         raise LarkError("the model has no eos token (config.json or tokenizer)")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise LarkError("empty prompt")
+    n = len(prompt_ids)
+    keys = list(range(n)) if keys is None else [int(k) for k in keys]
+    if len(keys) != n or any(k < 0 for k in keys):
+        raise LarkError("keys must be one non-negative integer per prompt")
+    if not n:
+        return []
     pad_id = student.tokenizer.pad_token_id if student.tokenizer is not None else None
     pad_id = int(pad_id if pad_id is not None else eos[0])
-    graphdef, state = nnx.split(student.model)
     mesh = student.mesh
     n_data = mesh.shape["data"]
-    batch_size = max(n_data, (batch_size // n_data) * n_data)
-    eos_arr = jnp.asarray(eos, jnp.int32)
-    key = jax.random.key(seed)
-    results: list[list[int]] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[start:start + batch_size]
-        if any(len(p) == 0 for p in chunk):
-            raise LarkError("empty prompt")
-        p_len = -(-max(len(p) for p in chunk) // PROMPT_BUCKET) * PROMPT_BUCKET
-        rows = -(-len(chunk) // n_data) * n_data
-        ids = np.full((rows, p_len), pad_id, np.int32)
-        mask = np.zeros((rows, p_len), bool)
-        for r, p in enumerate(chunk):
-            ids[r, p_len - len(p):] = p
-            mask[r, p_len - len(p):] = True
-        mask[len(chunk):, -1] = True  # filler rows: one valid token keeps them well defined
-        ids = jax.device_put(ids, data_sharding(mesh, 2))
-        mask = jax.device_put(mask, data_sharding(mesh, 2))
-        # One key per chunk, derived from the seed: reproducible whatever the batch split.
-        out = _generate_jit(graphdef, state, ids, mask, jax.random.fold_in(key, start),
-                            jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
-                            jax.device_put(eos_arr, replicated(mesh)), pad_id,
-                            max_new=max_new_tokens, greedy=temperature == 0)
-        out = np.asarray(out)
-        for r in range(len(chunk)):
-            row = out[r].tolist()
-            cut = next((j for j, t in enumerate(row) if t in eos), len(row))
-            results.append(row[:cut])
+    slots = max(n_data, (min(batch_size, -(-n // n_data) * n_data) // n_data) * n_data)
+    cap = _bucket(max(len(p) for p in prompt_ids)) + max_new_tokens
+    use_penalty = repetition_penalty != 1.0
+    greedy = temperature == 0
+    eng = _Engine(student, slots, cap, use_penalty)
+    rep = replicated(mesh)
+    scalars = [jax.device_put(jnp.asarray(x, dt), rep) for x, dt in (
+        (max(temperature, 1e-6), jnp.float32), (top_p, jnp.float32),
+        (repetition_penalty, jnp.float32))]
+    eos_arr = jax.device_put(jnp.asarray(eos, jnp.int32), rep)
+    base = jax.random.key(seed)
+    statics = dict(greedy=greedy, use_penalty=use_penalty)
+
+    waiting = collections.deque(range(n))
+    owner: list[int | None] = [None] * slots
+    tokens: dict[int, list[int]] = {}
+    live = np.zeros(slots, bool)
+    results: list[list[int] | None] = [None] * n
+
+    def finish(s: int, toks: list[int]) -> None:
+        i = owner[s]
+        owner[s] = None
+        live[s] = False
+        results[i] = toks
+        if on_result is not None:
+            on_result(i, toks)
         if progress is not None:
-            progress(len(chunk))
+            progress(1)
+
+    while waiting or live.any():
+        free = [s for s in range(slots) if owner[s] is None]
+        if free and waiting:
+            take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+            m = 1 << (len(take) - 1).bit_length()  # power-of-two admissions: few shapes
+            p_len = _bucket(max(len(prompt_ids[i]) for i in take))
+            ids = np.full((m, p_len), pad_id, np.int32)
+            lengths = np.ones(m, np.int32)
+            where = np.full(m, slots, np.int32)  # out of range: dropped
+            rkeys = np.zeros(m, np.uint32)
+            for j, i in enumerate(take):
+                ids[j, :len(prompt_ids[i])] = prompt_ids[i]
+                lengths[j] = len(prompt_ids[i])
+                where[j] = free[j]
+                rkeys[j] = keys[i] & 0xFFFFFFFF
+                owner[free[j]] = i
+                tokens[i] = []
+                live[free[j]] = True
+            eng.state = _admit(eng.graphdef, eng.params, eng.state, where, ids, lengths, rkeys,
+                               base, *scalars, **statics)
+        eng.state, out, emitted, live_dev = _decode(
+            eng.graphdef, eng.params, eng.state, jnp.asarray(live), base, *scalars, eos_arr,
+            jnp.int32(max_new_tokens), pad_id, chunk=chunk, **statics)
+        out, emitted, live_dev = np.asarray(out), np.asarray(emitted), np.asarray(live_dev)
+        for s in range(slots):
+            if owner[s] is None:
+                continue
+            i = owner[s]
+            new_toks = out[s, :emitted[s]].tolist()
+            # An eos ends the sequence and is not part of it.
+            cut = next((j for j, t in enumerate(new_toks) if t in eos), None)
+            toks = tokens[i]
+            toks.extend(new_toks[:cut])
+            if stop is not None:
+                at = stop(toks)
+                if at is not None:
+                    finish(s, toks[:at])
+                    continue
+            if cut is not None or not live_dev[s] or len(toks) >= max_new_tokens:
+                finish(s, toks[:max_new_tokens])
     return results
 
 
 def generate(student, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, *, batch_size: int = 32,
-             progress=None) -> list[str]:
+             progress=None, **options) -> list[str]:
     """Complete already-formatted prompt strings; returns the decoded continuations.
 
     Temperature 0 is greedy decoding; generation stops at the tokenizer's eos
-    (or config.json's eos ids) or after ``max_new_tokens``.
+    (or config.json's eos ids) or after ``max_new_tokens``. ``options`` are those of
+    :func:`generate_ids` (``repetition_penalty``, ``keys``, ``chunk``); ``stop_at_boxed``
+    and ``stop_strings`` end a completion at its first complete ``\\boxed{...}`` or stop
+    string and cut the text right after it.
     """
+    from lark_jax.evaluation.stops import TextStop
+
     if isinstance(prompts, str):
         raise LarkError("prompts must be a list of strings, not one string")
     tok = student.tokenizer
     if tok is None:
         raise LarkError("generation needs a tokenizer (load_student(..., tokenizer=True))")
+    text_stop = TextStop(tok, boxed=options.pop("stop_at_boxed", False),
+                         strings=options.pop("stop_strings", ()))
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     outs = generate_ids(student, ids, max_new_tokens, temperature, top_p, seed,
-                        batch_size=batch_size, progress=progress)
-    return [tok.decode(o, skip_special_tokens=True) for o in outs]
+                        batch_size=batch_size, progress=progress,
+                        stop=text_stop if text_stop.active else None, **options)
+    return [text_stop.text(o) for o in outs]

@@ -1,0 +1,123 @@
+"""Generation: continuous batching invariance, repetition penalty vs transformers, stops."""
+
+import random
+
+import jax
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lark_jax
+from lark_jax.evaluation.stops import boxed_end, stop_end
+from lark_jax.parallel import make_mesh
+
+
+def chat(tok, contents):
+    return [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                    add_generation_prompt=True) for c in contents]
+
+
+def test_greedy_with_repetition_penalty_matches_transformers(hf_students):
+    d, ref = hf_students["llama_tied_gqa"]
+    student = lark_jax.load_student(d)  # 8 devices
+    tok = student.tokenizer
+    prompts = chat(tok, ["2+2?", "a much longer question about numbers and more", "x"])
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    for penalty in (1.3, 0.7):
+        ours = lark_jax.generate_ids(student, ids, max_new_tokens=20,
+                                     repetition_penalty=penalty, batch_size=2, chunk=3)
+        for p, got in zip(ids, ours, strict=True):
+            with torch.no_grad():
+                out = ref.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False,
+                                   repetition_penalty=penalty, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id)
+            want = out[0, len(p):].tolist()
+            if tok.eos_token_id in want:
+                want = want[:want.index(tok.eos_token_id)]
+            assert got == want, penalty
+
+
+def _brute_boxed_end(text):
+    """Independent oracle: the shortest prefix that ends a balanced \\boxed{...} group
+    starting at the first occurrence of \\boxed{."""
+    s = text.find("\\boxed{")
+    if s == -1:
+        return None
+    for end in range(s + 7, len(text) + 1):
+        body = text[s + 6:end]  # from the opening brace
+        if body.count("{") == body.count("}") and body.endswith("}") and all(
+                body[:k].count("{") > body[:k].count("}") for k in range(1, len(body))):
+            return end
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "{", "}", "\\boxed{", "\\frac", " ", "1"]),
+                max_size=14))
+def test_boxed_cut_equals_a_brute_force_brace_matcher(parts):
+    text = "".join(parts)
+    assert boxed_end(text) == _brute_boxed_end(text)
+
+
+def test_boxed_cut_examples():
+    assert boxed_end("so \\boxed{\\frac{1}{2}} and more") == len("so \\boxed{\\frac{1}{2}}")
+    assert boxed_end("\\boxed{12") is None and boxed_end("no box") is None
+    assert stop_end("abc STOP def \\boxed{1}", True, ["STOP"]) == len("abc STOP")
+    assert stop_end("\\boxed{1} STOP", True, ["STOP"]) == len("\\boxed{1}")
+
+
+@pytest.fixture(scope="module")
+def sampled(hf_students):
+    """Prompts of varied length; per-prompt keys; the eval-style sampler settings."""
+    d, _ = hf_students["qwen2_bias_tied"]
+    tok = lark_jax.load_student(d, mesh=make_mesh(devices=jax.devices()[:1])).tokenizer
+    rng = random.Random(0)
+    contents = ["q" * rng.randint(1, 90) for _ in range(13)]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in chat(tok, contents)]
+    opts = dict(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=3,
+                repetition_penalty=1.1)
+    return d, ids, opts
+
+
+def _stop_at_multiple_of_7(toks):
+    """A host stop that ends sequences at varied lengths (a random model rarely says eos)."""
+    return next((j + 1 for j, t in enumerate(toks) if t % 7 == 0), None)
+
+
+def test_generations_do_not_depend_on_batch_size_slot_order_or_devices(sampled):
+    d, ids, opts = sampled
+    one = lark_jax.load_student(d, mesh=make_mesh(devices=jax.devices()[:1]))
+    opts = dict(opts, stop=_stop_at_multiple_of_7)
+    base = lark_jax.generate_ids(one, ids, batch_size=32, **opts)
+    assert len({tuple(x) for x in base}) == len(ids)  # different samples
+    assert len({len(x) for x in base}) > 1  # varied lengths: slots are refilled
+    for bs in (1, 7):
+        assert lark_jax.generate_ids(one, ids, batch_size=bs, chunk=5, **opts) == base, bs
+    # slot order: prompts in another order, with the same per-prompt keys
+    perm = list(range(len(ids)))[::-1]
+    got = lark_jax.generate_ids(one, [ids[i] for i in perm], keys=perm, batch_size=4, **opts)
+    assert [got[perm.index(i)] for i in range(len(ids))] == base
+    eight = lark_jax.load_student(d)
+    assert lark_jax.generate_ids(eight, ids, batch_size=8, **opts) == base
+
+
+def test_stop_strings_cut_where_the_unstopped_text_would_be_cut(sampled):
+    """Stops do not change the random stream: the stopped completion is the unstopped
+    one cut right after its first stop string (or first complete box)."""
+    d, ids, opts = sampled
+    s = lark_jax.load_student(d, mesh=make_mesh(devices=jax.devices()[:1]))
+    tok = s.tokenizer
+    prompts = [tok.decode(p) for p in ids]
+    full = lark_jax.generate(s, prompts, batch_size=5, **opts)
+    # a character most completions contain, not at their start
+    counts = {c: sum(c in t[1:] for t in full) for t in full for c in set(t[1:])}
+    stop = max(sorted(counts), key=counts.get)
+    assert counts[stop] >= 3
+    cut = lark_jax.generate(s, prompts, batch_size=5, stop_strings=[stop], **opts)
+    for f, c in zip(full, cut, strict=True):
+        assert c == (f[:f.index(stop) + len(stop)] if stop in f else f)
+    with pytest.raises(lark_jax.LarkError, match="stop strings must be non-empty"):
+        lark_jax.generate(s, prompts[:1], stop_strings=[""])
+    with pytest.raises(lark_jax.LarkError, match="repetition penalty must be > 0"):
+        lark_jax.generate(s, prompts[:1], repetition_penalty=-1.0)
