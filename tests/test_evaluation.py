@@ -214,7 +214,8 @@ def test_benchmark_formats(tmp_path):
     ('[{"prompt": "a", "answer": "1"},\n {"prompt": "b" "answer": "2"}]', "line 2 column"),
     ('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": }\n', "line 2: malformed"),
     ('[{"prompt": "a", "answer": "1"}, {"prompt": "b"}]', "item 1: missing 'answer'"),
-    ('{"prompt": "a", "answer": "1"}\n\n{"answer": "1"}\n', "line 3: missing 'prompt'"),
+    ('{"prompt": "a", "answer": "1"}\n\n{"answer": "1"}\n',
+     "line 3: has neither 'problem' nor 'prompt'"),
     ('[{"prompt": 5, "answer": "1"}]', "item 0: 'prompt' must be"),
     ('[{"prompt": "a", "answer": true}]', "item 0: 'answer' must be"),
     ('[{"prompt": "a", "answer": ["1"]}]', "item 0: 'answer' must be"),
@@ -265,7 +266,7 @@ def read_rows(path):
 
 
 CFG = EvalConfig(samples=3, temperature=1.0, top_p=0.95, max_new_tokens=8, seed=3,
-                 batch_size=6)  # two problems per generate call: three groups for five problems
+                 batch_size=6)  # six slots for fifteen samples: slots are refilled
 
 
 def test_chat_prompts_use_the_template(tiny, tmp_path):
@@ -293,17 +294,18 @@ def test_sampling_is_seeded_and_resume_is_exact(tiny, tmp_path):
     assert read_rows(tmp_path / "c" / "generations.jsonl") != gens
     assert other.summary["settings"]["seed"] == 4
 
-    # Interrupt after the first group, leave a torn line as a crash would, then resume.
+    # Interrupt after four samples, leave a torn line as a crash would, then resume.
     calls = []
 
-    def stop_after_first(n):
+    def stop_after_four(n):
         calls.append(n)
-        raise KeyboardInterrupt
+        if len(calls) == 4:
+            raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_eval(student, bench, tmp_path / "r", CFG, progress=stop_after_first)
+        run_eval(student, bench, tmp_path / "r", CFG, progress=stop_after_four)
     gen_file = tmp_path / "r" / "generations.jsonl"
-    assert calls == [6] and len(gen_file.read_text().splitlines()) == 6
+    assert calls == [1] * 4 and len(gen_file.read_text().splitlines()) == 4
     with open(gen_file, "a") as f:
         f.write('{"problem": 2, "sample": 0, "compl')
     with pytest.raises(LarkError, match="--resume"):
@@ -313,7 +315,7 @@ def test_sampling_is_seeded_and_resume_is_exact(tiny, tmp_path):
                  resume=True)
     seen = []
     r = run_eval(student, bench, tmp_path / "r", CFG, resume=True, progress=seen.append)
-    assert (r.n_resumed, r.n_generated, seen) == (6, 9, [6, 6, 3])
+    assert (r.n_resumed, r.n_generated, seen) == (4, 11, [4] + [1] * 11)
     assert read_rows(gen_file) == gens
     for name in ("answers.jsonl", "summary.json"):
         assert (tmp_path / "r" / name).read_text() == (tmp_path / "a" / name).read_text()
@@ -330,25 +332,31 @@ def test_answers_and_summary_from_known_completions(tiny, tmp_path, monkeypatch)
               1: ["so it is 2.", "\\boxed{\\frac{4}{2}}", "\\boxed{2.0}"],  # 3 of 3
               2: ["\\boxed{-4}", "4 is wrong, \\boxed{5}", ""]}  # 0 of 3
 
-    def fake_generate(student, prompts, max_new, temperature, top_p, seed, *, batch_size,
-                      progress=None):
-        seen: dict[int, int] = {}
-        out = []
-        for p in prompts:
-            i = next(i for i in canned if f"What is {i} + {i}?" in p)
-            out.append(canned[i][seen.get(i, 0)])
-            seen[i] = seen.get(i, 0) + 1
-        return out
+    tok = student.tokenizer
+
+    def fake_generate_ids(student, prompt_ids, max_new, temperature, top_p, seed, *,
+                          batch_size, repetition_penalty, keys, stop, on_result):
+        for j, key in reversed(list(enumerate(keys))):  # finishing order does not matter
+            i, s = divmod(key, 3)
+            assert f"What is {i} + {i}?" in tok.decode(prompt_ids[j])
+            on_result(j, tok(canned[i][s], add_special_tokens=False)["input_ids"])
 
     # The module, not the function that lark_jax.models re-exports under the same name.
-    monkeypatch.setattr(sys.modules["lark_jax.models.generate"], "generate", fake_generate)
-    res = run_eval(student, bench, tmp_path / "out", CFG, model_name="canned")
+    monkeypatch.setattr(sys.modules["lark_jax.models.generate"], "generate_ids",
+                        fake_generate_ids)
+    cfg = dataclasses.replace(CFG, stop_at_boxed=False)
+    res = run_eval(student, bench, tmp_path / "out", cfg, model_name="canned")
     rows = [json.loads(x) for x in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
     assert [r["correct"] for r in rows] == [True, False, False, True, True, True,
                                             False, False, False]
     assert [r["extracted"] for r in rows[:3]] == ["0", "", "1"]
     assert rows[0] == {"problem": 0, "sample": 0, "extracted": "0", "gold": "0",
-                       "correct": True, "level": "1"}
+                       "correct": True, "level": "1", "extracted_reference": "0",
+                       "correct_math": True, "correct_reference": True}
+    # The reference's grader: the first box even inside <think>, the last number otherwise,
+    # exact strings after its normalisation (2.0 -> 2, but \frac{4}{2} != 2).
+    assert [r["correct_reference"] for r in rows] == [True, False, True, True, False, True,
+                                                      False, False, False]
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s == res.summary
     assert (s["model"], s["benchmark"], s["n_problems"], s["samples"]) == ("canned", "arith",
@@ -358,6 +366,11 @@ def test_answers_and_summary_from_known_completions(tiny, tmp_path, monkeypatch)
     assert s["by_level"] == {"1": {"n_problems": 2, "acc@3": 0.5, "pass@1": pytest.approx(1 / 6)},
                              "2": {"n_problems": 1, "acc@3": 1.0, "pass@1": 1.0}}
     assert s["no_answer_samples"] == 2
+    assert s["grader"] == "math" and s["graders"]["math"]["acc@3"] == s["acc@3"]
+    assert s["graders"]["reference"]["acc@3"] == pytest.approx(2 / 3)
+    assert s["graders"]["reference"]["pass@1"] == pytest.approx(4 / 9)
+    ref = run_eval(student, bench, tmp_path / "ref", dataclasses.replace(cfg, grader="reference"))
+    assert ref.summary["grader"] == "reference" and ref.summary["pass@1"] == pytest.approx(4 / 9)
 
 
 # -- the command -----------------------------------------------------------------------
@@ -386,6 +399,16 @@ def test_command_end_to_end_and_aggregate(tiny, tmp_path, capsys):
     settings_ = json.loads((tmp_path / "e1" / "run.json").read_text())
     assert settings_["system_prompt"] == "Answer in a box."
     assert settings_["temperature"] == 0.6 and settings_["top_p"] == 0.95
+    # the reference's protocol by default, recorded
+    assert (settings_["repetition_penalty"], settings_["stop_at_boxed"],
+            settings_["grader"]) == (1.1, True, "math")
+    assert parse(["--model", "m"]).max_new_tokens == 8192
+    for bad, msg in ((["--repetition-penalty", "-1"], "--repetition-penalty must be"),
+                     (["--stop", ""], "--stop strings must be non-empty")):
+        with pytest.raises(LarkError, match=msg):
+            command.run(parse(common + ["--out", str(tmp_path / "bad"), *bad]),
+                        Reporter(quiet=True))
+        assert not (tmp_path / "bad").exists()
 
     command.run(parse(common + ["--out", str(tmp_path / "e2"), "--name", "other", "--seed",
                                 "1", "--temperature", "0"]), Reporter(quiet=True))
@@ -412,3 +435,10 @@ def test_command_end_to_end_and_aggregate(tiny, tmp_path, capsys):
     with pytest.raises(LarkError, match="--samples"):
         command.run(parse(common + ["--out", str(tmp_path / "e3"), "--samples", "0"]),
                     Reporter(quiet=True))
+
+
+def test_problem_wins_over_prompt(tmp_path):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps([{"prompt": "P", "problem": "Q", "answer": "1"},
+                                {"prompt": "only prompt", "answer": "2"}]))
+    assert [p.prompt for p in load_benchmark(path).problems] == ["Q", "only prompt"]

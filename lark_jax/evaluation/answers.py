@@ -311,3 +311,37 @@ def is_equivalent(pred: str, gold: str) -> bool:
     if na is not None and nb is not None and na == nb:
         return True
     return math_verify_equal(pred, gold)
+
+
+# -- the reference's grader --------------------------------------------------------------
+
+_REF_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def reference_extract(text: str) -> str:
+    """The reference's extraction: the first ``\\boxed{...}`` of the text (nested braces);
+    otherwise the last number after removing a ``<think>...</think>`` block."""
+    boxes = boxed_answers(text)
+    if boxes:
+        return boxes[0]
+    numbers = _REF_NUMBER.findall(strip_think(text))
+    return numbers[-1] if numbers else ""
+
+
+def reference_normalize(s: str) -> str:
+    """strip, lowercase, drop ``$``, numbers in a canonical form (``2.50`` -> ``2.5``,
+    ``3.0`` -> ``3``): our reading of the reference's exact-string normalisation."""
+    s = str(s).strip().lower().replace("$", "").strip()
+    try:
+        x = float(s)
+    except ValueError:
+        return s
+    if not math.isfinite(x):
+        return s
+    return str(int(x)) if x.is_integer() else repr(x)
+
+
+def reference_equal(pred: str, gold: str) -> bool:
+    """The reference's check: equal strings after :func:`reference_normalize`."""
+    a, b = reference_normalize(pred), reference_normalize(gold)
+    return bool(a) and a == b

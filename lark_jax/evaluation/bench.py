@@ -36,9 +36,10 @@ class Benchmark:
 def _check(obj, where: str, file: str) -> tuple[str, str, str | None]:
     if not isinstance(obj, dict):
         raise LarkError(f"{where}: expected an object, got {type(obj).__name__}", where=file)
-    key = "prompt" if "prompt" in obj else "problem" if "problem" in obj else None
+    # "problem" wins over "prompt" when a record has both (the reference's rule).
+    key = "problem" if "problem" in obj else "prompt" if "prompt" in obj else None
     if key is None:
-        raise LarkError(f"{where}: missing 'prompt' (or 'problem')", where=file)
+        raise LarkError(f"{where}: has neither 'problem' nor 'prompt'", where=file)
     prompt = obj[key]
     if not isinstance(prompt, str) or not prompt.strip():
         raise LarkError(f"{where}: '{key}' must be a non-empty string", where=file)

@@ -12,8 +12,8 @@ from lark_jax.errors import LarkError
 from lark_jax.evaluation.bench import DEFAULT_SYSTEM_PROMPT
 from lark_jax.progress import Reporter
 
-_DEFAULTS = {"samples": 5, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 4096,
-             "seed": 0, "batch_size": 32}
+_DEFAULTS = {"samples": 5, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 8192,
+             "seed": 0, "batch_size": 32, "repetition_penalty": 1.1}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +29,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=_DEFAULTS["top_p"],
                    help="nucleus mass (default 0.95)")
     p.add_argument("--max-new-tokens", type=int, default=_DEFAULTS["max_new_tokens"],
-                   help="generation budget per sample (default 4096)")
+                   help="generation budget per sample (default 8192, the reference's)")
+    p.add_argument("--repetition-penalty", type=float,
+                   default=_DEFAULTS["repetition_penalty"],
+                   help="HF repetition penalty over prompt + generated ids (default 1.1, the "
+                        "reference's; 1 = off)")
+    p.add_argument("--no-stop-at-boxed", dest="stop_at_boxed", action="store_false",
+                   help="do not end samples at their first complete \\boxed{} (the "
+                        "reference does, and cuts the text right after it)")
+    p.add_argument("--stop", action="append", default=[], metavar="STRING",
+                   help="also end a sample right after this string (repeatable)")
+    p.add_argument("--grader", default="math", choices=["math", "reference"],
+                   help="headline grader: math-aware equivalence, or the reference's "
+                        "exact-string check (summary.json reports both)")
     p.add_argument("--seed", type=int, default=_DEFAULTS["seed"])
     p.add_argument("--batch-size", type=int, default=_DEFAULTS["batch_size"],
                    help="rows (problem x sample) generated together (default 32)")
@@ -95,7 +107,10 @@ def run(args, rep: Reporter) -> None:
 
     cfg = EvalConfig(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                      max_new_tokens=args.max_new_tokens, seed=args.seed,
-                     batch_size=args.batch_size, system_prompt=_system_prompt(args))
+                     batch_size=args.batch_size, system_prompt=_system_prompt(args),
+                     repetition_penalty=args.repetition_penalty,
+                     stop_at_boxed=args.stop_at_boxed, stop_strings=tuple(args.stop),
+                     grader=args.grader)
     cfg.validate()
     bench = load_benchmark(args.benchmark)  # before the model: bad files fail fast
     rep.info(f"loading {args.model} ({args.dtype})")

@@ -1,22 +1,29 @@
 """The eval run: sample k completions per problem, extract answers, check them, summarise.
 
-Problems are cut into fixed groups of ``batch_size // samples`` problems; a
-group's prompts are repeated ``samples`` times (rows i*k .. i*k + k-1 belong
-to problem i) and generated in one call whose seed is derived from (seed,
-group index). A sample therefore depends only on the run's settings, never
-on what was generated before it, which is what makes ``resume`` exact: an
-interrupted run continued with ``resume=True`` writes the same samples as an
-uninterrupted one.
+Protocol (the reference's by default, method.md step 5; each part is a setting
+recorded in ``run.json``): temperature 0.6, top-p 0.95, repetition penalty 1.1,
+8,192 new tokens, and each sample stops at its first complete ``\\boxed{...}``
+with the text cut right after it (plus optional stop strings).
+
+Every (problem, sample) pair has its own random stream (key ``problem · k +
+sample`` under the run's seed), and all pairs go through one continuously
+batched generation, so a sample depends only on the run's settings, never on
+the batch size, the device count or what was generated before it. That is what
+makes ``resume`` exact: each finished sample is appended to
+``generations.jsonl`` (and fsynced) as soon as it ends, and an interrupted run
+continued with ``resume=True`` generates only the missing ones, the same samples
+an uninterrupted run would have written.
 
 Files in the output directory:
 
 * ``run.json``: the settings (written first; a resumed run must match them);
-* ``generations.jsonl``: {"problem", "sample", "completion"} rows, appended
-  and fsynced after every group (the resume log; order may vary);
+* ``generations.jsonl``: {"problem", "sample", "completion"} rows (the resume log;
+  order may vary);
 * ``answers.jsonl``: one row per sample in (problem, sample) order with the
-  extracted answer, the gold answer and whether they are equivalent;
-* ``summary.json``: ``metrics.summarize`` plus the model and benchmark names
-  and the sampling settings.
+  extracted answer, the gold answer and whether they are equivalent, under both
+  graders;
+* ``summary.json``: ``metrics.summarize`` under the chosen grader, the same under
+  each grader (``graders``), the model and benchmark names and the settings.
 
 The last three are the interface's outputs; answers and summary are written
 atomically (temporary file, then ``os.replace``).
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +43,12 @@ import numpy as np
 
 from lark_jax import fsio
 from lark_jax.errors import LarkError
-from lark_jax.evaluation.answers import extract_answer, is_equivalent
+from lark_jax.evaluation.answers import (
+    extract_answer,
+    is_equivalent,
+    reference_equal,
+    reference_extract,
+)
 from lark_jax.evaluation.bench import DEFAULT_SYSTEM_PROMPT, Benchmark, chat_prompts
 from lark_jax.evaluation.metrics import acc_key, markdown_table, summarize
 
@@ -43,6 +56,9 @@ GENERATIONS = "generations.jsonl"
 ANSWERS = "answers.jsonl"
 SUMMARY = "summary.json"
 RUN = "run.json"
+GRADERS = ("math", "reference")
+# Names how samples are drawn; a resumed run made by another sampler is refused.
+SAMPLER = "per-sample streams, continuous batching (lark-jax 0.2)"
 # Settings that only label a run; a resumed run may change them freely.
 _LABELS = ("model", "benchmark", "benchmark_path")
 
@@ -52,12 +68,23 @@ class EvalConfig:
     samples: int = 5
     temperature: float = 0.6
     top_p: float = 0.95
-    max_new_tokens: int = 4096
+    max_new_tokens: int = 8192
     seed: int = 0
-    batch_size: int = 32  # rows (problem x sample) per generation call
+    batch_size: int = 32  # decoding slots (problem x sample rows in flight)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    repetition_penalty: float = 1.1
+    stop_at_boxed: bool = True  # end a sample at its first complete \boxed{...}
+    stop_strings: tuple[str, ...] = ()
+    grader: str = "math"  # "math" (math-aware equivalence) | "reference" (exact strings)
 
     def validate(self) -> None:
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise LarkError(f"--repetition-penalty must be a positive number, got "
+                            f"{self.repetition_penalty}")
+        if any(not isinstance(x, str) or not x for x in self.stop_strings):
+            raise LarkError("--stop strings must be non-empty")
+        if self.grader not in GRADERS:
+            raise LarkError(f"--grader must be one of {', '.join(GRADERS)}")
         if self.samples < 1:
             raise LarkError("--samples must be >= 1")
         if self.max_new_tokens < 1:
@@ -87,18 +114,6 @@ def model_label(path: str | os.PathLike | None) -> str:
     return p.name
 
 
-def problem_groups(n_problems: int, cfg: EvalConfig) -> list[range]:
-    """Consecutive problem ranges generated together (fixed by the settings alone)."""
-    per = max(1, cfg.batch_size // cfg.samples)
-    return [range(s, min(s + per, n_problems)) for s in range(0, n_problems, per)]
-
-
-def group_seed(seed: int, group: int) -> int:
-    """The generation seed of a group: a hash of (seed, group), independent across groups."""
-    state = np.random.SeedSequence([seed & 0xFFFFFFFF, group]).generate_state(1)[0]
-    return int(state) & 0x7FFFFFFF
-
-
 def _read_generations(path: Path, n_problems: int, k: int) -> dict[tuple[int, int], str]:
     """Rows of an earlier run; a torn final line (crash mid-write) is cut off the file."""
     data = fsio.complete_lines(path)  # appends must start on a fresh line
@@ -122,6 +137,7 @@ def _read_generations(path: Path, n_problems: int, k: int) -> dict[tuple[int, in
 
 def _settings(student, bench: Benchmark, cfg: EvalConfig, model_name: str | None) -> dict:
     return {
+        "sampler": SAMPLER,
         "model": model_name or model_label(student.path),
         "model_path": str(Path(student.path).resolve()) if student.path else None,
         "benchmark": bench.name,
@@ -129,7 +145,8 @@ def _settings(student, bench: Benchmark, cfg: EvalConfig, model_name: str | None
         "benchmark_sha256": bench.sha256,
         "n_problems": len(bench.problems),
         "dtype": str(np.dtype(student.model.dtype)) if hasattr(student.model, "dtype") else None,
-        **dataclasses.asdict(cfg),
+        # lists, not tuples: the settings are compared with run.json's on resume
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
     }
 
 
@@ -156,7 +173,8 @@ def run_eval(student, bench: Benchmark, out_dir: str | os.PathLike,
     those found from an earlier run). ``resume`` continues a run interrupted
     in ``out_dir`` (settings must match); without it an existing run is an error.
     """
-    from lark_jax.models.generate import generate
+    from lark_jax.evaluation.stops import TextStop
+    from lark_jax.models.generate import generate_ids
 
     cfg.validate()
     t0 = time.perf_counter()
@@ -183,49 +201,60 @@ def run_eval(student, bench: Benchmark, out_dir: str | os.PathLike,
     if progress is not None and n_resumed:
         progress(n_resumed)
     prompts = chat_prompts(student.tokenizer, bench.problems, cfg.system_prompt)
-    n_data = student.mesh.shape["data"]
+    tok = student.tokenizer
+    stop = TextStop(tok, boxed=cfg.stop_at_boxed, strings=cfg.stop_strings)
+    missing = [(i, s) for i in range(n) for s in range(k) if (i, s) not in done]
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     n_generated = 0
     with fsio.open_append(gen_path) as f:
-        for g, group in enumerate(problem_groups(n, cfg)):
-            rows = [(i, s) for i in group for s in range(k)]
-            missing = [r for r in rows if r not in done]
-            if not missing:
-                continue
-            # The whole group in one generate call (one chunk, whatever the device count),
-            # so a group's samples never depend on how earlier groups were batched.
-            texts = generate(student, [prompts[i] for i, _ in rows], cfg.max_new_tokens,
-                             cfg.temperature, cfg.top_p, group_seed(cfg.seed, g),
-                             batch_size=-(-len(rows) // n_data) * n_data)
-            for r, text in zip(rows, texts, strict=True):
-                if r not in done:
-                    done[r] = text
-                    f.write(json.dumps({"problem": r[0], "sample": r[1], "completion": text},
-                                       ensure_ascii=False) + "\n")
+        def finished(j: int, ids: list[int]) -> None:
+            nonlocal n_generated
+            r = missing[j]
+            done[r] = text = stop.text(ids)
+            f.write(json.dumps({"problem": r[0], "sample": r[1], "completion": text},
+                               ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-            n_generated += len(missing)
+            n_generated += 1
             if progress is not None:
-                progress(len(missing))
+                progress(1)
 
-    correct: list[list[bool]] = []
+        if missing:
+            generate_ids(student, [prompt_ids[i] for i, _ in missing], cfg.max_new_tokens,
+                         cfg.temperature, cfg.top_p, cfg.seed, batch_size=cfg.batch_size,
+                         repetition_penalty=cfg.repetition_penalty,
+                         keys=[i * k + s for i, s in missing],
+                         stop=stop if stop.active else None, on_result=finished)
+
+    correct: dict[str, list[list[bool]]] = {g: [] for g in GRADERS}
     lines = []
     n_empty = 0
     for p in bench.problems:
-        row = []
+        rows: dict[str, list[bool]] = {g: [] for g in GRADERS}
         for s in range(k):
-            pred = extract_answer(done[(p.index, s)])
-            ok = is_equivalent(pred, p.answer)
-            n_empty += pred == ""
-            row.append(ok)
+            text = done[(p.index, s)]
+            pred = extract_answer(text)
+            ref_pred = reference_extract(text)
+            ok = {"math": is_equivalent(pred, p.answer),
+                  "reference": reference_equal(ref_pred, p.answer)}
+            n_empty += (pred if cfg.grader == "math" else ref_pred) == ""
+            for g in GRADERS:
+                rows[g].append(ok[g])
             rec = {"problem": p.index, "sample": s, "extracted": pred, "gold": p.answer,
-                   "correct": ok}
+                   "correct": ok[cfg.grader], "extracted_reference": ref_pred,
+                   "correct_math": ok["math"], "correct_reference": ok["reference"]}
             if p.level is not None:
                 rec["level"] = p.level
             lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-        correct.append(row)
+        for g in GRADERS:
+            correct[g].append(rows[g])
     fsio.atomic_write(out / ANSWERS, "".join(lines))
+    levels = [p.level for p in bench.problems]
     summary = {"model": settings["model"], "benchmark": bench.name,
-               **summarize(correct, [p.level for p in bench.problems]),
+               **summarize(correct[cfg.grader], levels),
+               "grader": cfg.grader,
+               "graders": {g: {key: v for key, v in summarize(correct[g], levels).items()
+                               if key != "by_level"} for g in GRADERS},
                "no_answer_samples": n_empty,
                "settings": {key: v for key, v in settings.items()
                             if key not in ("model", "benchmark", "n_problems")}}
