@@ -55,8 +55,8 @@ def _choose(model, hidden, seen, base, row_keys, steps, temperature, top_p, pena
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "use_penalty"),
                    donate_argnames=("state",))
-def _admit(graphdef, params, state, slots, ids, lengths, row_keys, base, temperature, top_p,
-           penalty, *, greedy: bool, use_penalty: bool):
+def _admit(graphdef, params, state, slots, ids, lengths, row_keys, limits, base, temperature,
+           top_p, penalty, *, greedy: bool, use_penalty: bool):
     """Prefill ``ids`` [n, P] (right-padded, ``lengths`` real tokens) into ``slots`` [n].
 
     Slot entries >= the number of slots are padding and are dropped. Returns the new
@@ -87,6 +87,7 @@ def _admit(graphdef, params, state, slots, ids, lengths, row_keys, base, tempera
     new["tok"] = state["tok"].at[slots].set(tok, mode="drop")
     new["steps"] = state["steps"].at[slots].set(0, mode="drop")
     new["row_keys"] = state["row_keys"].at[slots].set(row_keys, mode="drop")
+    new["limit"] = state["limit"].at[slots].set(limits, mode="drop")
     new["live"] = state["live"].at[slots].set(True, mode="drop")
     if use_penalty:
         new["seen"] = state["seen"].at[slots].set(seen, mode="drop")
@@ -96,9 +97,9 @@ def _admit(graphdef, params, state, slots, ids, lengths, row_keys, base, tempera
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "greedy", "use_penalty"),
                    donate_argnames=("state",))
 def _decode(graphdef, params, state, live, base, temperature, top_p, penalty, eos_ids,
-            max_new, pad_id, *, chunk: int, greedy: bool, use_penalty: bool):
+            pad_id, *, chunk: int, greedy: bool, use_penalty: bool):
     """``chunk`` steps for every slot. Emits each live row's pending token, ends rows at
-    eos or at ``max_new`` tokens, feeds the others and draws their next token.
+    eos or at their token limit, feeds the others and draws their next token.
 
     Returns (state, tokens [S, chunk], emitted [S] (tokens emitted per row; eos
     included), live [S]).
@@ -113,7 +114,7 @@ def _decode(graphdef, params, state, live, base, temperature, top_p, penalty, eo
         out = out.at[:, i].set(jnp.where(live, tok, pad_id))
         emitted = emitted + live
         steps = st["steps"] + live
-        stop = jnp.isin(tok, eos_ids) | (steps >= max_new)
+        stop = jnp.isin(tok, eos_ids) | (steps >= st["limit"])
         live = live & ~stop
         cache = st["cache"]
         pos = st["pos"]
@@ -159,21 +160,23 @@ class _Engine:
             "tok": put(np.zeros(n_slots, np.int32)),
             "steps": put(np.zeros(n_slots, np.int32)),
             "row_keys": put(np.zeros(n_slots, np.uint32)),
+            "limit": put(np.zeros(n_slots, np.int32)),
             "live": put(np.zeros(n_slots, bool)),
             "seen": put(np.zeros((n_slots, cfg.vocab_size if use_penalty else 1), bool)),
         }
 
 
-def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int = 64,
+def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int | Sequence[int] = 64,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  batch_size: int = 32, progress=None, *, repetition_penalty: float = 1.0,
                  keys: Sequence[int] | None = None,
                  stop: Callable[[list[int]], int | None] | None = None,
                  on_result: Callable[[int, list[int]], None] | None = None,
-                 chunk: int = CHUNK) -> list[list[int]]:
+                 chunk: int = CHUNK, stats: dict | None = None) -> list[list[int]]:
     """New tokens of each prompt, up to and excluding eos (or up to a ``stop`` cut).
 
     Args:
+      max_new_tokens: a limit for every prompt, or one per prompt.
       batch_size: decoding slots (rounded to the data-parallel width).
       repetition_penalty: HF semantics over prompt + generated ids (1.0: off).
       keys: one non-negative integer per prompt naming its random stream (default: its
@@ -183,9 +186,14 @@ def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int = 64,
         monotone: true of a sequence, true of every extension.
       on_result: called as ``on_result(i, tokens)`` when prompt i finishes (any order).
       chunk: decoding steps per jitted call between host stop checks.
+      stats: if given, filled with ``slots``, ``decode_calls``, ``slot_steps`` (slots x
+        steps computed) and ``tokens`` (tokens kept): their ratio is the slot utilisation.
     """
-    if max_new_tokens < 1:
-        raise LarkError("max_new_tokens must be >= 1")
+    n = len(prompt_ids)
+    limits = ([int(max_new_tokens)] * n if isinstance(max_new_tokens, int | np.integer)
+              else [int(x) for x in max_new_tokens])
+    if len(limits) != n or any(x < 1 for x in limits):
+        raise LarkError("max_new_tokens must be >= 1 (one number, or one per prompt)")
     if temperature < 0 or not 0 < top_p <= 1:
         raise LarkError("need temperature >= 0 and 0 < top_p <= 1")
     if not repetition_penalty > 0:
@@ -197,7 +205,6 @@ def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int = 64,
         raise LarkError("the model has no eos token (config.json or tokenizer)")
     if any(len(p) == 0 for p in prompt_ids):
         raise LarkError("empty prompt")
-    n = len(prompt_ids)
     keys = list(range(n)) if keys is None else [int(k) for k in keys]
     if len(keys) != n or any(k < 0 for k in keys):
         raise LarkError("keys must be one non-negative integer per prompt")
@@ -208,7 +215,7 @@ def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int = 64,
     mesh = student.mesh
     n_data = mesh.shape["data"]
     slots = max(n_data, (min(batch_size, -(-n // n_data) * n_data) // n_data) * n_data)
-    cap = _bucket(max(len(p) for p in prompt_ids)) + max_new_tokens
+    cap = _bucket(max(len(p) for p in prompt_ids)) + max(limits)
     use_penalty = repetition_penalty != 1.0
     greedy = temperature == 0
     eng = _Engine(student, slots, cap, use_penalty)
@@ -225,6 +232,7 @@ def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int = 64,
     tokens: dict[int, list[int]] = {}
     live = np.zeros(slots, bool)
     results: list[list[int] | None] = [None] * n
+    calls = 0
 
     def finish(s: int, toks: list[int]) -> None:
         i = owner[s]
@@ -246,20 +254,23 @@ def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int = 64,
             lengths = np.ones(m, np.int32)
             where = np.full(m, slots, np.int32)  # out of range: dropped
             rkeys = np.zeros(m, np.uint32)
+            lim = np.ones(m, np.int32)
             for j, i in enumerate(take):
                 ids[j, :len(prompt_ids[i])] = prompt_ids[i]
                 lengths[j] = len(prompt_ids[i])
                 where[j] = free[j]
                 rkeys[j] = keys[i] & 0xFFFFFFFF
+                lim[j] = limits[i]
                 owner[free[j]] = i
                 tokens[i] = []
                 live[free[j]] = True
             eng.state = _admit(eng.graphdef, eng.params, eng.state, where, ids, lengths, rkeys,
-                               base, *scalars, **statics)
+                               lim, base, *scalars, **statics)
         eng.state, out, emitted, live_dev = _decode(
             eng.graphdef, eng.params, eng.state, jnp.asarray(live), base, *scalars, eos_arr,
-            jnp.int32(max_new_tokens), pad_id, chunk=chunk, **statics)
+            pad_id, chunk=chunk, **statics)
         out, emitted, live_dev = np.asarray(out), np.asarray(emitted), np.asarray(live_dev)
+        calls += 1
         for s in range(slots):
             if owner[s] is None:
                 continue
@@ -274,8 +285,11 @@ def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int = 64,
                 if at is not None:
                     finish(s, toks[:at])
                     continue
-            if cut is not None or not live_dev[s] or len(toks) >= max_new_tokens:
-                finish(s, toks[:max_new_tokens])
+            if cut is not None or not live_dev[s] or len(toks) >= limits[i]:
+                finish(s, toks[:limits[i]])
+    if stats is not None:
+        stats.update(slots=slots, decode_calls=calls, slot_steps=calls * chunk * slots,
+                     tokens=sum(len(r) for r in results))
     return results
 
 
