@@ -69,13 +69,14 @@ def run_jax(student, prompts, limits, mode, slots, static=False):
             "utilisation": tokens / steps}
 
 
-def run_torch(model_dir, prompts, limits, mode, slots):
+def run_torch(model_dir, prompts, limits, mode, slots, device="cpu", dtype="float32"):
     """transformers generate in static batches of ``slots`` (left padding), each batch to
     its longest row's limit; useful tokens are each row's own limit."""
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype)).to(device)
     model.eval()
     kw = dict(do_sample=mode != "greedy", pad_token_id=0)
     if mode != "greedy":
@@ -88,8 +89,8 @@ def run_torch(model_dir, prompts, limits, mode, slots):
     for a in range(0, len(prompts), slots):
         ps, ls = prompts[a:a + slots], limits[a:a + slots]
         width = max(len(p) for p in ps)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=device)
         with torch.no_grad():
             model.generate(ids, attention_mask=mask, max_new_tokens=max(ls), **kw)
         tokens += sum(ls)
@@ -107,6 +108,8 @@ def main(argv=None):
     ap.add_argument("--slots", type=int, default=16, help="rows decoded together")
     ap.add_argument("--spread-n", type=int, default=64, help="prompts of the spread mode")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--torch-device", default="cpu")
     ap.add_argument("--modes", default="greedy,sample,sample_penalty,spread")
     args = ap.parse_args(argv)
 
@@ -115,7 +118,7 @@ def main(argv=None):
     import lark_jax
 
     work, model_dir = common.bench_student(args, "lark-gen-")
-    student = lark_jax.load_student(model_dir)
+    student = lark_jax.load_student(model_dir, dtype=args.dtype)
     res = {"machine": common.machine_info(), "args": vars(args), "rows": []}
     platform = jax.devices()[0].platform
     print(f"{'mode':>15} {'impl':>22} {'tok/s':>8} {'util':>6} {'s':>7}")
@@ -130,7 +133,7 @@ def main(argv=None):
                 student, p, li, m, args.slots, static=True)))
         if not args.skip_torch:
             runs.append(("transformers", lambda p=prompts, li=limits, m=mode: run_torch(
-                model_dir, p, li, m, args.slots)))
+                model_dir, p, li, m, args.slots, args.torch_device, args.dtype)))
         row = {"mode": mode, "n": n, "new": args.new}
         for name, fn in runs:
             # The same call once untimed: every shape the timed call uses is compiled

@@ -11,6 +11,8 @@
 # Measures, in bf16 with a random Qwen2.5-1.5B-shaped student (28 layers, full vocabulary):
 #   scoring, lark-jax vs the PyTorch comparator, pools with median ~512 and ~4k tokens,
 #     then lark-jax again with the fused Pallas (Triton) attention kernel (--attention flash);
+#   generation (eval sampling with the repetition penalty; a length-spread workload with
+#     continuous batching) vs transformers generate;
 #   SFT tokens/s; MFU of each against the bf16 matmul rate measured in the same process.
 # First a quick check that the fused attention kernel compiles and equals dense attention
 # (forward and backward); last, SFT with that kernel, in whatever time is left.
@@ -23,9 +25,11 @@ START=$(date +%s)
 BUDGET="${BUDGET:-530}"  # seconds for all steps: the device call's limit, less start-up
 if [ "${DRY:-0}" = 1 ]; then
   DEV=cpu; L=1; N512=4; N4K=2; T=900; BUDGET=100000; SMALL=--small
+  GEN_N=4; GEN_NEW=16; GEN_SPREAD=8
   TRAIN=(--steps 1 --batch-size 2 --n 4 --lo 128 --hi 256 --micro-batch-tokens 1024)
 else
   DEV=cuda; L=28; N512=512; N4K=48; T=150; SMALL=
+  GEN_N=64; GEN_NEW=256; GEN_SPREAD=256
   TRAIN=(--steps 4 --batch-size 16 --n 64 --lo 512 --hi 2048 --micro-batch-tokens 8192)
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"; } \
@@ -50,6 +54,9 @@ step scoring_median512 benchmarks/bench_scoring.py --shape 15b --layers "$L" --d
 step scoring_median4k benchmarks/bench_scoring.py --shape 15b --layers "$L" --dtype bfloat16 \
   --n "$N4K" --lo 2048 --hi 8192 --batch-tokens 65536 --row-length 8192 \
   --torch-device "$DEV" --tag _median4k --work "$W" --compare-attention flash
+step generation benchmarks/bench_generation.py --shape 15b --layers "$L" --dtype bfloat16 \
+  --n "$GEN_N" --new "$GEN_NEW" --slots "$GEN_N" --spread-n "$GEN_SPREAD" \
+  --modes sample_penalty,spread --torch-device "$DEV" --tag _15b_bf16 --work "$W"
 step training benchmarks/bench_training.py --shape 15b --layers "$L" --dtype bfloat16 \
   "${TRAIN[@]}" --tag _15b_bf16 --work "$W"
 step training_flash benchmarks/bench_training.py --shape 15b --layers "$L" --dtype bfloat16 \
