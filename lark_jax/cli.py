@@ -40,7 +40,13 @@ def _add_generate(p):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="decoding slots")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="HF repetition penalty over prompt + generated ids (1 = off)")
+    p.add_argument("--stop", action="append", default=[], metavar="STRING",
+                   help="end a completion right after this string (repeatable)")
+    p.add_argument("--stop-at-boxed", action="store_true",
+                   help="end a completion right after its first complete \\boxed{...}")
 
 
 def _run_generate(args, rep: Reporter) -> None:
@@ -60,6 +66,10 @@ def _run_generate(args, rep: Reporter) -> None:
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise LarkError(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.repetition_penalty > 0:
+        raise LarkError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    if any(not x for x in args.stop):
+        raise LarkError("--stop strings must be non-empty")
     student = load_student(args.model, dtype=args.dtype)
     if args.raw:
         prompts = messages
@@ -70,7 +80,9 @@ def _run_generate(args, rep: Reporter) -> None:
     t0 = time.perf_counter()
     with rep.bar(len(prompts), "generate", unit="prompt") as advance:
         outs = generate(student, prompts, args.max_new_tokens, args.temperature, args.top_p,
-                        args.seed, batch_size=args.batch_size, progress=advance)
+                        args.seed, batch_size=args.batch_size, progress=advance,
+                        repetition_penalty=args.repetition_penalty, stop_strings=args.stop,
+                        stop_at_boxed=args.stop_at_boxed)
     for m, o in zip(messages, outs, strict=True):
         print(json.dumps({"prompt": m, "completion": o}, ensure_ascii=False))
     # stdout carries the JSON lines: the summary goes to stderr
