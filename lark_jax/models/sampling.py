@@ -65,15 +65,40 @@ def _sortable(z):
     return jnp.where(sign == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
+PREFILTER_K = 256
+
+
 def top_p_keep(z, top_p):
     """The kept set of top-p over scaled logits z [B, V] (module docstring), bool [B, V].
 
     ``top_p`` is a scalar in (0, 1]; at 1 every token with non-zero probability stays.
+    Fast path: when the ``PREFILTER_K`` most likely tokens of every row hold at least
+    ``top_p`` of its mass, the nucleus lies among them, and ``lax.top_k`` (descending,
+    ties by lower id: the stable sort's order) gives it directly. Otherwise (flat rows)
+    the bisection below, also exact.
     """
     z = z.astype(jnp.float32)
+    z = jnp.where(z == 0, jnp.float32(0), z)  # -0.0 and +0.0 are one value
     m = z.max(-1, keepdims=True)
     e = jnp.exp(z - m)
     p = e / _row_sum(e)[:, None]
+    k = min(PREFILTER_K, z.shape[-1])
+    top_z, top_i = lax.top_k(z, k)
+    top_p_mass = jnp.exp(top_z - m) / _row_sum(e)[:, None]
+    before = jnp.cumsum(top_p_mass, -1) - top_p_mass
+    fits = jnp.all(before[:, -1] + top_p_mass[:, -1] >= top_p)
+
+    def from_top(_):
+        rows = jnp.arange(z.shape[0])[:, None]
+        return jnp.zeros(z.shape, bool).at[rows, top_i].set(before < top_p)
+
+    keep = lax.cond(fits & (top_p < 1.0), from_top, lambda _: _bisect_keep(z, p, top_p),
+                    None)
+    return jnp.where(top_p >= 1.0, p > 0, keep)
+
+
+def _bisect_keep(z, p, top_p):
+    """Exact kept set by bisection on the order-preserving keys (module docstring)."""
     key = _sortable(z)
     lo = key.min(-1)
     hi = key.max(-1)  # S(hi) = 0 < top_p
@@ -93,8 +118,7 @@ def top_p_keep(z, top_p):
     tied = key == tau
     p_tau = jnp.max(jnp.where(tied, p, 0.0), -1, keepdims=True)
     rank = jnp.cumsum(tied, axis=-1, dtype=jnp.int32) - 1
-    keep = (key > tau) | (tied & (s_tau + rank.astype(jnp.float32) * p_tau < top_p))
-    return jnp.where(top_p >= 1.0, p > 0, keep)
+    return (key > tau) | (tied & (s_tau + rank.astype(jnp.float32) * p_tau < top_p))
 
 
 def draw(z, keep, u):
