@@ -290,7 +290,7 @@ def _run_train(args, rep: Reporter) -> None:
 
         s = train(args.student, args.data, args.out, cfg, resume=args.resume, progress=progress)
     resumed = f" (resumed from step {s.resumed_from})" if s.resumed_from else ""
-    rep.summary(f"trained {s.steps} steps{resumed}; final loss "
+    rep.summary(f"trained {s.steps} step{'s' if s.steps != 1 else ''}{resumed}; final loss "
                 f"{s.final_loss:.4f}; {s.tokens} tokens in {s.seconds:.1f}s -> {s.final_dir}")
 
 
