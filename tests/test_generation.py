@@ -121,3 +121,18 @@ def test_stop_strings_cut_where_the_unstopped_text_would_be_cut(sampled):
         lark_jax.generate(s, prompts[:1], stop_strings=[""])
     with pytest.raises(lark_jax.LarkError, match="repetition penalty must be > 0"):
         lark_jax.generate(s, prompts[:1], repetition_penalty=-1.0)
+
+
+def test_per_prompt_token_limits_cut_the_same_streams(sampled):
+    d, ids, opts = sampled
+    s = lark_jax.load_student(d, mesh=make_mesh(devices=jax.devices()[:1]))
+    opts = dict(opts, max_new_tokens=12)
+    full = lark_jax.generate_ids(s, ids[:5], batch_size=2, **opts)
+    limits = [3, 12, 1, 7, 5]
+    stats: dict = {}
+    cut = lark_jax.generate_ids(s, ids[:5], batch_size=2, stats=stats,
+                                **dict(opts, max_new_tokens=limits))
+    assert cut == [f[:n] for f, n in zip(full, limits, strict=True)]
+    assert stats["tokens"] == sum(len(c) for c in cut) <= stats["slot_steps"]
+    with pytest.raises(lark_jax.LarkError, match="max_new_tokens must be >= 1"):
+        lark_jax.generate_ids(s, ids[:2], max_new_tokens=[3])
