@@ -117,3 +117,16 @@ def test_top_p_prefilter_path_on_peaked_rows(top_p):
     assert not ((got != want) & (margin > 1e-5)).any() and got.sum(1).max() <= 40
     p = jax.nn.softmax(zz, -1)
     np.testing.assert_array_equal(np.asarray(_bisect_keep(zz, p, top_p)), got)
+
+
+def test_a_rows_kept_set_does_not_depend_on_the_other_rows():
+    """A peaked row takes the prefilter path even beside a flat row (bisection)."""
+    rng = np.random.RandomState(11)
+    peaked = (rng.randn(1, 151936) * 2).astype(np.float32)
+    peaked[0, :30] += 14.0
+    flat = (rng.randn(1, 151936) * 0.05).astype(np.float32)
+    f = jax.jit(top_p_keep)
+    alone = np.asarray(f(jnp.asarray(peaked), 0.9))
+    mixed = np.asarray(f(jnp.asarray(np.concatenate([flat, peaked])), 0.9))
+    np.testing.assert_array_equal(mixed[1], alone[0])
+    assert mixed[0].sum() > 1000 and alone.sum() <= 30

@@ -424,3 +424,23 @@ def test_system_turn_empty_rebuilds_the_messages(hf_students, tmp_path):
         assert a.tok.ids[a.tok.start:].tolist() == b.tok.ids[b.tok.start:].tolist()
     with pytest.raises(LarkError, match="--system-turn must be one of"):
         TrainConfig(system_turn="none").validate()
+
+
+def test_resume_of_a_run_made_before_the_objectives(hf_students, selection, tmp_path):
+    """A run_config.json without 'objective' was trained with the token objective: it
+    resumes with --objective token, not with another objective; remat may change."""
+    d, _ = hf_students["llama_tied_gqa"]
+    cfg = TrainConfig(epochs=1, lr=1e-3, batch_size=4, save_every=1, max_steps=2,
+                      objective="token")
+    train(d, selection, tmp_path / "run", cfg, mesh=one_device())
+    path = tmp_path / "run" / "run_config.json"
+    old = json.loads(path.read_text())
+    for key in ("objective", "system_turn"):
+        del old["config"][key]
+    path.write_text(json.dumps(old))
+    with pytest.raises(LarkError, match="--objective: token != record"):
+        train(d, selection, tmp_path / "run", dataclasses.replace(cfg, objective="record"),
+              mesh=one_device(), resume=True)
+    res = train(d, selection, tmp_path / "run", dataclasses.replace(cfg, remat=True),
+                mesh=one_device(), resume=True)
+    assert res.resumed_from == 2

@@ -59,8 +59,9 @@ RUN = "run.json"
 GRADERS = ("math", "reference")
 # Names how samples are drawn; a resumed run made by another sampler is refused.
 SAMPLER = "per-sample streams, continuous batching (lark-jax 0.2)"
-# Settings that only label a run; a resumed run may change them freely.
-_LABELS = ("model", "benchmark", "benchmark_path")
+# Settings a resumed run may change freely: labels, the grader (answers are re-checked
+# from the generations) and the slot count (samples do not depend on it).
+_LABELS = ("model", "benchmark", "benchmark_path", "grader", "batch_size")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,26 +8,25 @@ text, so a stop inside a token is cut inside that token's text.
 
 from __future__ import annotations
 
-BOXED = "\\boxed{"
+from lark_jax.evaluation.answers import _BOX_CMD, _braced
 
 
 def boxed_end(text: str) -> int | None:
     """Index just past the closing brace of the first complete ``\\boxed{...}``, or None.
 
-    Braces nest (``\\boxed{\\frac{1}{2}}``); an unclosed box is not complete.
+    The graders' own rules (``answers``): ``\\boxed`` or ``\\fbox``, optional spaces,
+    a brace group with nested braces, escaped braces (``\\{``) being content. An
+    unclosed first box is not complete (a later box would sit inside it); a box with
+    no brace group (``\\boxed 5``) never ends generation (the next token might extend
+    it), though the graders still read it.
     """
-    start = text.find(BOXED)
-    while start != -1:
-        depth = 0
-        for j in range(start + len(BOXED) - 1, len(text)):
-            c = text[j]
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    return j + 1
-        return None  # the first box is still open: later ones come after it
+    for m in _BOX_CMD.finditer(text):
+        i = m.end()
+        while i < len(text) and text[i] in " \t":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            group = _braced(text, i)
+            return None if group is None else group[1]
     return None
 
 

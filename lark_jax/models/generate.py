@@ -206,8 +206,8 @@ def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int | Seq
     if any(len(p) == 0 for p in prompt_ids):
         raise LarkError("empty prompt")
     keys = list(range(n)) if keys is None else [int(k) for k in keys]
-    if len(keys) != n or any(k < 0 for k in keys):
-        raise LarkError("keys must be one non-negative integer per prompt")
+    if len(keys) != n or any(not 0 <= k < 2 ** 32 for k in keys):
+        raise LarkError("keys must be one integer in [0, 2^32) per prompt")
     if not n:
         return []
     pad_id = student.tokenizer.pad_token_id if student.tokenizer is not None else None
@@ -259,7 +259,7 @@ def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int | Seq
                 ids[j, :len(prompt_ids[i])] = prompt_ids[i]
                 lengths[j] = len(prompt_ids[i])
                 where[j] = free[j]
-                rkeys[j] = keys[i] & 0xFFFFFFFF
+                rkeys[j] = keys[i]
                 lim[j] = limits[i]
                 owner[free[j]] = i
                 tokens[i] = []

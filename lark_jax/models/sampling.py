@@ -86,15 +86,17 @@ def top_p_keep(z, top_p):
     top_z, top_i = lax.top_k(z, k)
     top_p_mass = jnp.exp(top_z - m) / _row_sum(e)[:, None]
     before = jnp.cumsum(top_p_mass, -1) - top_p_mass
-    fits = jnp.all(before[:, -1] + top_p_mass[:, -1] >= top_p)
-
-    def from_top(_):
-        rows = jnp.arange(z.shape[0])[:, None]
-        return jnp.zeros(z.shape, bool).at[rows, top_i].set(before < top_p)
-
-    keep = lax.cond(fits & (top_p < 1.0), from_top, lambda _: _bisect_keep(z, p, top_p),
-                    None)
-    return jnp.where(top_p >= 1.0, p > 0, keep)
+    fits = before[:, -1] + top_p_mass[:, -1] >= top_p  # [B]: the nucleus is in the top k
+    rows = jnp.arange(z.shape[0])[:, None]
+    from_top = jnp.zeros(z.shape, bool).at[rows, top_i].set(before < top_p)
+    # Each row's path depends on that row alone (batch composition never changes a
+    # sample); the bisection runs only when some row needs it, and never at top_p = 1.
+    branch = jnp.where(top_p >= 1.0, 0, jnp.where(jnp.all(fits), 1, 2))
+    return lax.switch(branch, [
+        lambda: p > 0,
+        lambda: from_top,
+        lambda: jnp.where(fits[:, None], from_top, _bisect_keep(z, p, top_p)),
+    ])
 
 
 def _bisect_keep(z, p, top_p):

@@ -99,9 +99,11 @@ def run(args, rep: Reporter) -> None:
         found, unscored = gather_pool(args.pool, table, wanted, progress=advance,
                                       positions=positions)
     tie_order = table.order_source
-    if args.policy == "lark" and not pool_order_agrees(table, positions[0]):
+    cross_problem = args.global_budget is not None and table.order_source != "pool_line"
+    if args.policy == "lark" and (cross_problem or not pool_order_agrees(table, positions[0])):
         # The scores list candidates in another order than this pool file (a re-ordered
-        # pool, or scores from elsewhere): select again with the pool's own order.
+        # pool, or scores from elsewhere), or the global mode needs the order across
+        # problems, which only pool_line gives: select again with the pool's own order.
         table.order, tie_order = positions[0], "pool file (re-read)"
         sel = select(table, args.policy, args.budget, solver=solver, tau=args.tau,
                      global_budget=args.global_budget, seed=args.seed, tol=args.tol,

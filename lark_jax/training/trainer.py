@@ -295,8 +295,11 @@ def _row_length(examples, max_length: int) -> int:
     return min(max(64, 1 << (longest - 1).bit_length()), max(64, max_length))
 
 
-# Settings a resumed run may change: they do not alter what is computed.
-RESUME_MAY_CHANGE = {"save_every", "keep"}
+# Settings a resumed run may change: they do not alter what is computed (remat and the
+# cross-entropy chunk change how, not what).
+RESUME_MAY_CHANGE = {"save_every", "keep", "remat", "chunk_tokens"}
+# What a run_config.json written before a setting existed means by its absence.
+RESUME_OLD_DEFAULTS = {"objective": "token", "system_turn": "keep"}
 
 
 def _check_resume_settings(path: Path, new: dict) -> None:
@@ -314,7 +317,7 @@ def _check_resume_settings(path: Path, new: dict) -> None:
              if not same_path(old.get(k), new[k])]
     diffs += [f"{k}: {old.get(k)} != {new[k]}" for k in ("n_examples", "total_steps")
               if old.get(k) != new[k]]
-    old_cfg = old.get("config", {})
+    old_cfg = {**RESUME_OLD_DEFAULTS, **old.get("config", {})}
     diffs += [f"--{k.replace('_', '-')}: {old_cfg.get(k)} != {v}"
               for k, v in new["config"].items()
               if k not in RESUME_MAY_CHANGE and old_cfg.get(k) != v]
