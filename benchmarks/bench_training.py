@@ -34,6 +34,9 @@ def main(argv=None):
     ap.add_argument("--micro-batch-tokens", type=int, default=16384)
     ap.add_argument("--attention", default="auto",
                     choices=["auto", "dense", "blockwise", "flash"])
+    ap.add_argument("--compare-sync", action="store_true",
+                    help="also time the loop as it was: pack each step inline and wait for "
+                         "its loss before the next (same steps, same run)")
     args = ap.parse_args(argv)
 
     import jax
@@ -66,27 +69,55 @@ def main(argv=None):
                                     row_multiple=n_data))  # compile
     first = time.perf_counter() - t0
 
-    def steps():
-        n = 0
+    from lark_jax.data.prefetch import prefetch
+    from lark_jax.training.data import step_denominator
+    from lark_jax.training.trainer import run_steps
+
+    def packed():
         for k in range(1, args.steps + 1):
-            n += trainer.step(step_microbatches(examples, plan.step_indices(k), row_len, rows,
-                                                row_multiple=n_data))[2]
-        return n
+            idx = plan.step_indices(k)
+            yield k, list(step_microbatches(examples, idx, row_len, rows,
+                                            row_multiple=n_data)), \
+                step_denominator(examples, idx)
+
+    def steps(asynchronous=True):
+        """The train loop's way (host thread packs ahead, losses fetched a step late), or
+        the previous one (inline packing, every step waited for)."""
+        n = [0]
+
+        def done(step, loss, gnorm, tokens):
+            n[0] += tokens
+
+        items = prefetch(packed(), 2) if asynchronous else packed()
+        run_steps(trainer, items, done, lag=asynchronous)
+        return n[0]
 
     steps()  # compiles every micro-batch shape these steps use (the last one may shrink)
     t1 = time.perf_counter()
     tokens = steps()  # the same steps again, timed: no compilation inside
     dt = time.perf_counter() - t1
+    sync = None
+    if args.compare_sync:
+        t2 = time.perf_counter()
+        sync_tokens = steps(asynchronous=False)
+        sync = {"tokens": sync_tokens, "tok_s": sync_tokens / (time.perf_counter() - t2)}
+        t3 = time.perf_counter()
+        again = steps()  # async once more: a drift of the machine shows as a gap
+        sync["async_again_tok_s"] = again / (time.perf_counter() - t3)
     rate = matmul_rate_jax(dtype=args.dtype)
     fpt = 3 * flops_per_token(student.config, row_len / 4)
     res = {"machine": common.machine_info(), "args": vars(args), "row_length": row_len,
            "rows_per_microbatch": rows, "first_step_seconds_incl_compile": first,
            "tokens": tokens, "tok_s": tokens / dt, "flops_per_token": fpt,
            "matmul_flops_per_s": rate, "mfu": fpt * tokens / dt / rate,
-           "devices": len(jax.devices())}
+           "devices": len(jax.devices()), "sync_loop": sync}
     path = common.save_results(f"training_{jax.devices()[0].platform}{args.tag}", res)
     print(f"SFT: {res['tok_s']:,.0f} tok/s, MFU {res['mfu']:.1%} (first step incl. compile "
           f"{first:.1f}s; {np.round(rate / 1e9, 1)} GFLOP/s ceiling) -> {path}")
+    if sync:
+        print(f"loop as before (inline packing, every step waited for): {sync['tok_s']:,.0f} "
+              f"tok/s; async again {sync['async_again_tok_s']:,.0f}; async/sync "
+              f"{res['tok_s'] / sync['tok_s']:.2f}x")
 
 
 if __name__ == "__main__":

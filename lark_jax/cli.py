@@ -247,6 +247,8 @@ def _add_train(p):
     p.add_argument("--micro-batch-tokens", type=int, default=16384,
                    help="tokens per forward/backward pass; gradients accumulate to the batch")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
+    p.add_argument("--prefetch", type=int, default=2,
+                   help="steps a host thread packs ahead while the device trains (0: inline)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -280,7 +282,7 @@ def _run_train(args, rep: Reporter) -> None:
                       keep=args.keep, seed=args.seed, dtype=args.dtype, remat=args.remat,
                       fsdp=args.fsdp, export_dtype=args.export_dtype,
                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                      attention=args.attention)
+                      attention=args.attention, prefetch=args.prefetch)
     cfg.validate()
     _check_attention(cfg.attention)
 

@@ -444,3 +444,35 @@ def test_resume_of_a_run_made_before_the_objectives(hf_students, selection, tmp_
     res = train(d, selection, tmp_path / "run", dataclasses.replace(cfg, remat=True),
                 mesh=one_device(), resume=True)
     assert res.resumed_from == 2
+
+
+def test_run_steps_fetches_losses_one_step_late_and_syncs_before_checkpoints():
+    """The host dispatches step k+1 before it waits for step k's loss; a checkpoint
+    step is waited for before the next dispatch. Same numbers either way."""
+    from lark_jax.training.trainer import run_steps
+
+    class FakeTrainer:
+        def __init__(self, log):
+            self.log = log
+
+        def dispatch(self, mbs, denom):
+            self.log.append(("dispatch", mbs))
+            return jnp.float32(mbs * 1.5), jnp.float32(denom), 10
+
+    items = [(k, k, 2.0 * k) for k in range(4)]
+    for lag, sync, want in (
+            (True, lambda s: False,
+             ["d0", "d1", "f0", "d2", "f1", "d3", "f2", "f3"]),
+            (True, lambda s: s == 1,
+             ["d0", "d1", "f0", "f1", "d2", "d3", "f2", "f3"]),
+            (False, lambda s: False,
+             ["d0", "f0", "d1", "f1", "d2", "f2", "d3", "f3"])):
+        log, got = [], []
+
+        def done(step, loss, gnorm, tokens, log=log, got=got):
+            log.append(("done", step))
+            got.append((step, loss, gnorm, tokens))
+
+        run_steps(FakeTrainer(log), iter(items), done, lag=lag, sync_after=sync)
+        assert [("d" if e == "dispatch" else "f") + str(k) for e, k in log] == want
+        assert got == [(k, 1.5 * k, 2.0 * k, 10) for k in range(4)]

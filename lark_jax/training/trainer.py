@@ -20,6 +20,7 @@ state and the step; the data position is a pure function of (seed, step), so
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -37,6 +38,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lark_jax import fsio
+from lark_jax.data.prefetch import prefetch
 from lark_jax.errors import LarkError
 from lark_jax.models.decoder import ATTN_IMPLS, Decoder
 from lark_jax.models.io import load_student, resolve_dtype, save_student
@@ -76,6 +78,7 @@ class TrainConfig:
     lora_rank: int = 0  # 0 = full fine-tuning
     lora_alpha: float | None = None  # scale = alpha / rank (default alpha = 2 * rank)
     attention: str = "auto"  # "auto" | "dense" | "blockwise" | "flash" (models.attention)
+    prefetch: int = 2  # steps a host thread packs ahead (0: inline)
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "max_length", "keep", "micro_batch_tokens"):
@@ -92,6 +95,8 @@ class TrainConfig:
                             f"got {self.objective!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise LarkError("--max-steps must be >= 1")
+        if self.prefetch < 0:
+            raise LarkError("--prefetch must be >= 0")
         if self.lora_rank < 0:
             raise LarkError("--lora-rank must be >= 0")
         if self.save_every is not None and self.save_every < 1:
@@ -267,6 +272,16 @@ class Trainer:
         ``denominator`` is the step's D (``data.step_denominator``); without it the
         sum of the coefficients is used, which equals D for the ``record`` and
         ``token`` objectives but not for ``reference`` with zero-weight records.
+        Waits for the step; :meth:`dispatch` does not.
+        """
+        loss, gnorm, tokens = self.dispatch(microbatches, denominator)
+        return float(loss), float(gnorm), tokens
+
+    def dispatch(self, microbatches, denominator: float | None = None):
+        """Queue one optimizer step (see :meth:`step`) without waiting for it.
+
+        Returns (loss, grad norm) as device scalars and the step's token count; JAX
+        runs the step asynchronously, so the host can pack the next one meanwhile.
         """
         acc = None
         tokens = 0
@@ -279,7 +294,7 @@ class Trainer:
         denom = acc[2] if denominator is None else np.float32(denominator)
         self.params, self.opt_state, loss, gnorm = self._apply(self.params, self.opt_state, acc,
                                                                denom)
-        return float(loss), float(gnorm), tokens
+        return loss, gnorm, tokens
 
     def loss_of(self, batch: dict) -> float:
         s, w = self._loss(self.params, self.place(batch))
@@ -290,6 +305,30 @@ class Trainer:
         return nnx.merge(self.graphdef, self.full(self.params))
 
 
+def run_steps(trainer: Trainer, items, on_done: Callable[..., None], *, lag: bool = True,
+              sync_after: Callable[[int], bool] = lambda step: False) -> None:
+    """Run ``items`` = (step, microbatches, denominator) in order, keeping the device busy.
+
+    ``on_done(step, loss, grad_norm, tokens)`` is called in step order with host floats.
+    With ``lag`` a step's loss is fetched only after the next step has been dispatched
+    (the host never waits for the device between steps); ``sync_after(step)`` true
+    forces that step to finish first (before a checkpoint). Without ``lag`` every step
+    is waited for, the previous behaviour (the benchmark's baseline).
+    """
+    pending = None
+    for step, mbs, denom in items:
+        loss, gnorm, tokens = trainer.dispatch(mbs, denom)
+        if pending is not None:
+            on_done(pending[0], float(pending[1]), float(pending[2]), pending[3])
+            pending = None
+        if lag and not sync_after(step):
+            pending = (step, loss, gnorm, tokens)
+        else:
+            on_done(step, float(loss), float(gnorm), tokens)
+    if pending is not None:
+        on_done(pending[0], float(pending[1]), float(pending[2]), pending[3])
+
+
 def _row_length(examples, max_length: int) -> int:
     longest = max(len(e.tok.ids) for e in examples)
     return min(max(64, 1 << (longest - 1).bit_length()), max(64, max_length))
@@ -297,7 +336,7 @@ def _row_length(examples, max_length: int) -> int:
 
 # Settings a resumed run may change: they do not alter what is computed (remat and the
 # cross-entropy chunk change how, not what).
-RESUME_MAY_CHANGE = {"save_every", "keep", "remat", "chunk_tokens"}
+RESUME_MAY_CHANGE = {"save_every", "keep", "remat", "chunk_tokens", "prefetch"}
 # What a run_config.json written before a setting existed means by its absence.
 RESUME_OLD_DEFAULTS = {"objective": "token", "system_turn": "keep"}
 
@@ -391,30 +430,40 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
         mgr.save(step, args=ocp.args.StandardSave(
             {"params": trainer.params, "opt_state": trainer.opt_state, "step": jnp.int32(step)}))
 
-    loss = math.nan
-    tokens_total = 0
+    def packed():
+        """Each step's packed micro-batches (run by a host thread, cfg.prefetch ahead)."""
+        for step in range(start, total):
+            idx = plan.step_indices(step)
+            yield step, list(step_microbatches(examples, idx, row_len, rows,
+                                               row_multiple=n_data, objective=cfg.objective)), \
+                step_denominator(examples, idx, cfg.objective)
+
+    def checkpoint_step(step: int) -> bool:
+        return bool(cfg.save_every) and (step + 1) % cfg.save_every == 0
+
+    last = {"loss": math.nan, "tokens": 0, "t": time.perf_counter()}
+
+    def done(step, loss, gnorm, tokens):
+        now = time.perf_counter()
+        dt, last["t"] = now - last["t"], now
+        last["tokens"] += tokens
+        last["loss"] = loss
+        rec = {"step": step + 1, "epoch": step // plan.steps_per_epoch + 1,
+               "loss": loss, "lr": float(trainer.schedule(step)), "grad_norm": gnorm,
+               "tokens": tokens, "tokens_per_s": tokens / dt if dt > 0 else 0.0}
+        mf.write(json.dumps(rec) + "\n")
+        mf.flush()
+        if not math.isfinite(loss):
+            raise LarkError(f"loss became {loss} at step {step + 1}")
+        if checkpoint_step(step):  # the step has finished (sync_after): params are its own
+            save(step + 1)
+        if progress is not None:
+            progress(step + 1, total, loss=loss, tok_s=rec["tokens_per_s"])
+
     try:
-        with fsio.open_append(metrics_path) as mf:
-            for step in range(start, total):
-                ts = time.perf_counter()
-                idx = plan.step_indices(step)
-                mbs = step_microbatches(examples, idx, row_len, rows, row_multiple=n_data,
-                                        objective=cfg.objective)
-                loss, gnorm, tokens = trainer.step(
-                    mbs, step_denominator(examples, idx, cfg.objective))
-                dt = time.perf_counter() - ts
-                tokens_total += tokens
-                rec = {"step": step + 1, "epoch": step // plan.steps_per_epoch + 1,
-                       "loss": loss, "lr": float(trainer.schedule(step)), "grad_norm": gnorm,
-                       "tokens": tokens, "tokens_per_s": tokens / dt if dt > 0 else 0.0}
-                mf.write(json.dumps(rec) + "\n")
-                mf.flush()
-                if not math.isfinite(loss):
-                    raise LarkError(f"loss became {loss} at step {step + 1}")
-                if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                    save(step + 1)
-                if progress is not None:
-                    progress(step + 1, total, loss=loss, tok_s=rec["tokens_per_s"])
+        with fsio.open_append(metrics_path) as mf, \
+                contextlib.closing(prefetch(packed(), cfg.prefetch)) as items:
+            run_steps(trainer, items, done, sync_after=checkpoint_step)
         if mgr.latest_step() != total:
             save(total)
         mgr.wait_until_finished()
@@ -425,7 +474,8 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
     final = save_student(trainer.model(), out_dir / "final", student.tokenizer,
                          dtype=resolve_dtype(cfg.export_dtype), overwrite=True)
     plot_loss(metrics_path, out_dir / "loss.png")
-    return TrainSummary(total, start, loss, tokens_total, time.perf_counter() - t0, str(final))
+    return TrainSummary(total, start, last["loss"], last["tokens"], time.perf_counter() - t0,
+                        str(final))
 
 
 def plot_loss(metrics_paths, out_png: Path, labels=None) -> None:
