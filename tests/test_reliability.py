@@ -347,3 +347,15 @@ def test_pool_text_is_data_not_code(hf_students, tmp_path):
 def test_atomic_outputs_get_the_usual_permissions(tmp_path):
     fsio.atomic_write(tmp_path / "a.json", "{}")  # not mkstemp's private 0600
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~fsio.UMASK
+
+
+def test_resume_differences_name_every_field_once():
+    from lark_jax.runs import differences
+
+    old = {"a": 1, "b": "x", "gone": 3, "p": "/tmp/./d"}
+    new = {"a": 2, "b": "x", "added": True, "p": "/tmp/d", "skip": 9}
+    assert differences(old, new, may_change={"skip"}) == [
+        "a: 1 != 2", "added: None != True", "gone: 3 != None", "p: '/tmp/./d' != '/tmp/d'"]
+    assert differences(old, new, may_change={"skip", "gone"}, old_defaults={"added": True},
+                       same={"p": lambda x, y: x.replace("/./", "/") == y},
+                       name=lambda k: "--" + k) == ["--a: 1 != 2"]

@@ -438,7 +438,7 @@ def test_resume_of_a_run_made_before_the_objectives(hf_students, selection, tmp_
     for key in ("objective", "system_turn"):
         del old["config"][key]
     path.write_text(json.dumps(old))
-    with pytest.raises(LarkError, match="--objective: token != record"):
+    with pytest.raises(LarkError, match="--objective: 'token' != 'record'"):
         train(d, selection, tmp_path / "run", dataclasses.replace(cfg, objective="record"),
               mesh=one_device(), resume=True)
     res = train(d, selection, tmp_path / "run", dataclasses.replace(cfg, remat=True),

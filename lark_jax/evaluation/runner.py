@@ -51,6 +51,7 @@ from lark_jax.evaluation.answers import (
 )
 from lark_jax.evaluation.bench import DEFAULT_SYSTEM_PROMPT, Benchmark, chat_prompts
 from lark_jax.evaluation.metrics import acc_key, markdown_table, summarize
+from lark_jax.runs import check_resume
 
 GENERATIONS = "generations.jsonl"
 ANSWERS = "answers.jsonl"
@@ -157,11 +158,9 @@ def _check_resume(run_path: Path, settings: dict) -> None:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         raise LarkError("unreadable run settings; delete the directory to start over",
                         where=str(run_path)) from None
-    differ = sorted(k for k in settings if k not in _LABELS and old.get(k) != settings[k])
-    if differ:
-        raise LarkError("the earlier run used other settings (" + ", ".join(
-            f"{k}: {old.get(k)!r} != {settings[k]!r}" for k in differ)
-            + "); rerun with the same options or choose another --out", where=str(run_path))
+    check_resume(old, settings, may_change=_LABELS, where=str(run_path),
+                 message="the earlier run used other settings ({diffs}); rerun with the same "
+                         "options or choose another --out")
 
 
 def run_eval(student, bench: Benchmark, out_dir: str | os.PathLike,

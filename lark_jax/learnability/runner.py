@@ -35,6 +35,7 @@ from lark_jax.errors import LarkError
 from lark_jax.learnability.kernel import STATS, score_batch
 from lark_jax.learnability.scores import build_scores
 from lark_jax.parallel import data_sharding
+from lark_jax.runs import check_resume
 
 SIDECAR_VERSION = 1
 
@@ -117,12 +118,10 @@ class Sidecar:
         if not isinstance(got, dict) or "lark_jax_sidecar" not in got:
             raise LarkError("not a lark-jax partial run (unreadable header); delete it",
                             where=str(self.path))
-        keys = sorted((set(header) | set(got)) - {"brier"})
-        diffs = [f"{k}: {got.get(k)!r} != {header.get(k)!r}" for k in keys
-                 if got.get(k) != header.get(k)]
-        if diffs:
-            raise LarkError("the partial run was made with other settings (" + "; ".join(diffs)
-                            + "); delete it or rerun with the same options", where=str(self.path))
+        # brier only chooses which column becomes rho when the JSON is built
+        check_resume(got, header, may_change={"brier"}, where=str(self.path),
+                     message="the partial run was made with other settings ({diffs}); delete "
+                             "it or rerun with the same options")
         for ln in good[1:]:
             row = json.loads(ln)
             (self.skipped if row.get("skipped") else self.rows).append(row)

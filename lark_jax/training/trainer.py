@@ -43,6 +43,7 @@ from lark_jax.errors import LarkError
 from lark_jax.models.decoder import ATTN_IMPLS, Decoder
 from lark_jax.models.io import load_student, resolve_dtype, save_student
 from lark_jax.parallel import data_sharding, make_mesh
+from lark_jax.runs import check_resume
 from lark_jax.training.data import (
     SYSTEM_TURNS,
     StepPlan,
@@ -337,6 +338,7 @@ def _row_length(examples, max_length: int) -> int:
 # Settings a resumed run may change: they do not alter what is computed (remat and the
 # cross-entropy chunk change how, not what).
 RESUME_MAY_CHANGE = {"save_every", "keep", "remat", "chunk_tokens", "prefetch"}
+RESUME_RUN_KEYS = ("student", "data", "n_examples", "total_steps")
 # What a run_config.json written before a setting existed means by its absence.
 RESUME_OLD_DEFAULTS = {"objective": "token", "system_turn": "keep"}
 
@@ -352,17 +354,14 @@ def _check_resume_settings(path: Path, new: dict) -> None:
     def same_path(a, b) -> bool:
         return Path(str(a)).resolve() == Path(str(b)).resolve()
 
-    diffs = [f"{k}: {old.get(k)} != {new[k]}" for k in ("student", "data")
-             if not same_path(old.get(k), new[k])]
-    diffs += [f"{k}: {old.get(k)} != {new[k]}" for k in ("n_examples", "total_steps")
-              if old.get(k) != new[k]]
-    old_cfg = {**RESUME_OLD_DEFAULTS, **old.get("config", {})}
-    diffs += [f"--{k.replace('_', '-')}: {old_cfg.get(k)} != {v}"
-              for k, v in new["config"].items()
-              if k not in RESUME_MAY_CHANGE and old_cfg.get(k) != v]
-    if diffs:
-        raise LarkError("--resume with settings that differ from the run's: " + "; ".join(diffs),
-                        where=str(path))
+    message = "--resume with settings that differ from the run's: {diffs}"
+    # What was run and on what (informational fields such as row_length are derived).
+    check_resume({k: old.get(k) for k in RESUME_RUN_KEYS}, {k: new[k] for k in RESUME_RUN_KEYS},
+                 same={"student": same_path, "data": same_path}, message=message,
+                 where=str(path))
+    check_resume(old.get("config", {}), new["config"], may_change=RESUME_MAY_CHANGE,
+                 old_defaults=RESUME_OLD_DEFAULTS, name=lambda k: "--" + k.replace("_", "-"),
+                 message=message, where=str(path))
 
 
 def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
