@@ -83,22 +83,29 @@ def _braced(text: str, start: int) -> tuple[str, int] | None:
     return None
 
 
-def boxed_answers(text: str) -> list[str]:
-    """Every ``\\boxed{...}`` / ``\\fbox{...}`` argument in order (also ``\\boxed 5``)."""
-    out = []
+def box_arguments(text: str):
+    """Each ``\\boxed`` / ``\\fbox`` in order as ``(argument, end, braced)``.
+
+    A brace group (nested braces, escaped ones as content) gives its stripped content
+    and the index after its closing brace, or ``(None, None, True)`` when it never
+    closes; TeX's one-token form (``\\boxed 5``) gives ``(token, None, False)``.
+    """
     for m in _BOX_CMD.finditer(text):
         i = m.end()
         while i < len(text) and text[i] in " \t":
             i += 1
         if i < len(text) and text[i] == "{":
             group = _braced(text, i)
-            if group is not None:
-                out.append(group[0].strip())
-        else:  # TeX lets a one-token argument go without braces: "\boxed 5"
+            yield (None, None, True) if group is None else (group[0].strip(), group[1], True)
+        else:
             arg = re.match(r"[^\s$]+", text[i:])
             if arg:
-                out.append(arg.group(0).rstrip(".,;"))
-    return out
+                yield arg.group(0).rstrip(".,;"), None, False
+
+
+def boxed_answers(text: str) -> list[str]:
+    """Every ``\\boxed{...}`` / ``\\fbox{...}`` argument in order (also ``\\boxed 5``)."""
+    return [arg for arg, _, _ in box_arguments(text) if arg is not None]
 
 
 def extract_answer(text: str) -> str:

@@ -8,7 +8,7 @@ text, so a stop inside a token is cut inside that token's text.
 
 from __future__ import annotations
 
-from lark_jax.evaluation.answers import _BOX_CMD, _braced
+from lark_jax.evaluation.answers import box_arguments
 
 
 def boxed_end(text: str) -> int | None:
@@ -20,13 +20,9 @@ def boxed_end(text: str) -> int | None:
     no brace group (``\\boxed 5``) never ends generation (the next token might extend
     it), though the graders still read it.
     """
-    for m in _BOX_CMD.finditer(text):
-        i = m.end()
-        while i < len(text) and text[i] in " \t":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            group = _braced(text, i)
-            return None if group is None else group[1]
+    for _, end, braced in box_arguments(text):
+        if braced:
+            return end
     return None
 
 
