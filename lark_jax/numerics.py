@@ -19,17 +19,18 @@ def sum_block(v: int) -> int:
     return d if d >= 16 or d == v else 128
 
 
-def blocks(z: jax.Array, block: int) -> jax.Array:
-    """[..., V] -> [..., ceil(V/block), block], padded with -inf when V is not a multiple."""
+def blocks(z: jax.Array, block: int, fill=-jnp.inf) -> jax.Array:
+    """[..., V] -> [..., ceil(V/block), block], padded with ``fill`` (-inf for logits, 0 for
+    non-negative terms) when V is not a multiple."""
     v = z.shape[-1]
     if v % block:
-        z = jnp.concatenate([z, jnp.full((*z.shape[:-1], -v % block), -jnp.inf, z.dtype)], -1)
+        z = jnp.concatenate([z, jnp.full((*z.shape[:-1], -v % block), fill, z.dtype)], -1)
     return z.reshape(*z.shape[:-1], -1, block)
 
 
-def vocab_blocks(z: jax.Array) -> jax.Array:
+def vocab_blocks(z: jax.Array, fill=-jnp.inf) -> jax.Array:
     """``z`` in blocks of ``sum_block(V)`` for two-level sums."""
-    return blocks(z, sum_block(z.shape[-1]))
+    return blocks(z, sum_block(z.shape[-1]), fill)
 
 
 def logsumexp(z: jax.Array) -> jax.Array:

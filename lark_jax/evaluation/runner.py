@@ -204,7 +204,9 @@ def run_eval(student, bench: Benchmark, out_dir: str | os.PathLike,
     tok = student.tokenizer
     stop = TextStop(tok, boxed=cfg.stop_at_boxed, strings=cfg.stop_strings)
     missing = [(i, s) for i in range(n) for s in range(k) if (i, s) not in done]
-    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    # Tokenized once per problem that still has samples to draw (a resumed run skips the rest).
+    prompt_ids = {i: tok(prompts[i], add_special_tokens=False)["input_ids"]
+                  for i in sorted({i for i, _ in missing})}
     n_generated = 0
     with fsio.open_append(gen_path) as f:
         def finished(j: int, ids: list[int]) -> None:

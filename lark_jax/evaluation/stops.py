@@ -8,6 +8,7 @@ text, so a stop inside a token is cut inside that token's text.
 
 from __future__ import annotations
 
+from lark_jax.errors import LarkError
 from lark_jax.evaluation.answers import box_arguments
 
 
@@ -46,8 +47,6 @@ class TextStop:
     def __init__(self, tokenizer, boxed: bool = False, strings=()):
         strings = tuple(strings)
         if any(not isinstance(s, str) or not s for s in strings):
-            from lark_jax.errors import LarkError
-
             raise LarkError("stop strings must be non-empty strings")
         self.tok, self.boxed, self.strings = tokenizer, boxed, strings
         self.active = boxed or bool(strings)

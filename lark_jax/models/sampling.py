@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lark_jax.numerics import sum_block
+from lark_jax.numerics import vocab_blocks
 
 
 def apply_repetition_penalty(z, seen, penalty):
@@ -42,18 +42,10 @@ def apply_repetition_penalty(z, seen, penalty):
     return jnp.where(seen, jnp.where(z > 0, z / penalty, z * penalty), z)
 
 
-def _zero_blocks(x):
-    """[B, V] -> [B, nb, bs] for two-level sums, zero-padded (the terms are >= 0)."""
-    v = x.shape[-1]
-    bs = sum_block(v)
-    if v % bs:
-        x = jnp.pad(x, ((0, 0), (0, -v % bs)))
-    return x.reshape(x.shape[0], -1, bs)
-
-
 def _row_sum(x):
-    """Σ over the last axis in two levels (float32 stays accurate over 1.5e5 terms)."""
-    return _zero_blocks(x).sum(-1).sum(-1)
+    """Σ over the last axis of non-negative terms in two levels (float32 stays accurate
+    over 1.5e5 terms)."""
+    return vocab_blocks(x, 0.0).sum(-1).sum(-1)
 
 
 def _sortable(z):
@@ -81,10 +73,11 @@ def top_p_keep(z, top_p):
     z = jnp.where(z == 0, jnp.float32(0), z)  # -0.0 and +0.0 are one value
     m = z.max(-1, keepdims=True)
     e = jnp.exp(z - m)
-    p = e / _row_sum(e)[:, None]
+    total = _row_sum(e)[:, None]
+    p = e / total
     k = min(PREFILTER_K, z.shape[-1])
     top_z, top_i = lax.top_k(z, k)
-    top_p_mass = jnp.exp(top_z - m) / _row_sum(e)[:, None]
+    top_p_mass = jnp.exp(top_z - m) / total
     before = jnp.cumsum(top_p_mass, -1) - top_p_mass
     fits = before[:, -1] + top_p_mass[:, -1] >= top_p  # [B]: the nucleus is in the top k
     rows = jnp.arange(z.shape[0])[:, None]
@@ -127,7 +120,7 @@ def draw(z, keep, u):
     """Token ids [B]: inverse-CDF draw from softmax(z) restricted to ``keep``; u [B] in [0, 1)."""
     z = jnp.where(keep, z.astype(jnp.float32), -jnp.inf)
     e = jnp.exp(z - z.max(-1, keepdims=True))
-    blk = _zero_blocks(e)  # [B, nb, bs], two-level cumulative sums
+    blk = vocab_blocks(e, 0.0)  # [B, nb, bs], two-level cumulative sums
     inner = jnp.cumsum(blk, -1)
     offsets = jnp.cumsum(inner[..., -1], -1) - inner[..., -1]
     cdf = (inner + offsets[..., None]).reshape(e.shape[0], -1)[:, :e.shape[1]]
