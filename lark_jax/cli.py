@@ -139,12 +139,7 @@ def _add_score(p):
     p.add_argument("--prefetch", type=int, default=4,
                    help="batches a host thread reads, tokenizes and packs ahead (0: inline)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    g = p.add_argument_group("multi-host (TPU pods, several GPU hosts)")
-    g.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() (auto-detects TPU pods / SLURM)")
-    g.add_argument("--coordinator", help="host:port of process 0 (implies --distributed)")
-    g.add_argument("--num-processes", type=int)
-    g.add_argument("--process-id", type=int)
+    add_cluster_arguments(p)
     p.add_argument("--compat", default=None, choices=["reference"],
                    help="the published scorer's conventions: skip assistant spans of <= 1 "
                         "token; with --dtype bfloat16, round logits to bfloat16 before the "
@@ -152,6 +147,19 @@ def _add_score(p):
     p.add_argument("--estimator", default="proxy", choices=["proxy", "gradient"],
                    help="proxy = the forward-pass Brier/L of the paper; gradient = the exact "
                         "rate ||grad L||^2/L (one backward pass per trajectory)")
+
+
+def add_cluster_arguments(p) -> None:
+    from lark_jax.distributed import add_arguments
+
+    add_arguments(p)
+
+
+def join_cluster(args) -> bool:
+    """Join a multi-process run when the options ask for one; True when there are several."""
+    from lark_jax.distributed import from_args, initialize
+
+    return initialize(from_args(args))
 
 
 def _run_score(args, rep: Reporter) -> None:
@@ -166,12 +174,9 @@ def _run_score(args, rep: Reporter) -> None:
                       prefetch=args.prefetch)
     cfg.validate()
     devices = None
-    if args.distributed or args.coordinator:
+    if join_cluster(args):
         import jax
 
-        jax.distributed.initialize(coordinator_address=args.coordinator,
-                                   num_processes=args.num_processes,
-                                   process_id=args.process_id)
         devices = jax.local_devices()  # each host scores its own slice of the pool
         if jax.process_index() != 0:
             rep = Reporter(quiet=True)
@@ -268,6 +273,7 @@ def _add_train(p):
                    "(default alpha = 2R)")
     _add_attention(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    add_cluster_arguments(p)
 
 
 def _run_train(args, rep: Reporter) -> None:
@@ -285,6 +291,11 @@ def _run_train(args, rep: Reporter) -> None:
                       attention=args.attention, prefetch=args.prefetch)
     cfg.validate()
     _check_attention(cfg.attention)
+    if join_cluster(args):  # one mesh over every process's devices (train's default)
+        import jax
+
+        if jax.process_index() != 0:
+            rep = Reporter(quiet=True)
 
     with rep.bar(None, "train", unit="step") as advance:
         def progress(step, total, loss, tok_s):

@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model label in summary.json and tables (default: from --model)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (same settings)")
+    from lark_jax.distributed import add_arguments as add_cluster_arguments
+
+    add_cluster_arguments(p)
     g = p.add_argument_group("aggregate mode")
     g.add_argument("--aggregate", nargs="+", metavar="EVAL_DIR", default=None,
                    help="print one markdown table over finished eval directories instead")
@@ -113,8 +116,19 @@ def run(args, rep: Reporter) -> None:
                      grader=args.grader)
     cfg.validate()
     bench = load_benchmark(args.benchmark)  # before the model: bad files fail fast
+    mesh = None
+    from lark_jax.distributed import from_args, initialize
+
+    if initialize(from_args(args)):
+        import jax
+
+        from lark_jax.parallel import make_mesh
+
+        mesh = make_mesh(devices=jax.local_devices())  # each process samples its own share
+        if jax.process_index() != 0:
+            rep = Reporter(quiet=True)
     rep.info(f"loading {args.model} ({args.dtype})")
-    student = load_student(args.model, dtype=args.dtype)
+    student = load_student(args.model, dtype=args.dtype, mesh=mesh)
     total = len(bench.problems) * cfg.samples
     with rep.bar(total, f"eval {bench.name}", unit="sample") as advance:
         res = run_eval(student, bench, args.out, cfg, resume=args.resume,

@@ -14,6 +14,13 @@ makes ``resume`` exact: each finished sample is appended to
 continued with ``resume=True`` generates only the missing ones, the same samples
 an uninterrupted run would have written.
 
+Multi-process (after ``lark_jax.distributed.initialize``, each process's student
+on its own devices): process i of n draws every n-th missing (problem, sample)
+pair into its own ``generations.p{i}.jsonl``; process 0 merges them into
+``generations.jsonl`` (at the start of a resumed run too, so a run may resume
+on another number of processes) and writes answers and summary. The output
+directory must be on storage every process shares.
+
 Files in the output directory:
 
 * ``run.json``: the settings (written first; a resumed run must match them);
@@ -42,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from lark_jax import fsio
+from lark_jax.distributed import barrier, check_same_settings
 from lark_jax.errors import LarkError
 from lark_jax.evaluation.answers import (
     extract_answer,
@@ -116,9 +124,16 @@ def model_label(path: str | os.PathLike | None) -> str:
     return p.name
 
 
-def _read_generations(path: Path, n_problems: int, k: int) -> dict[tuple[int, int], str]:
-    """Rows of an earlier run; a torn final line (crash mid-write) is cut off the file."""
-    data = fsio.complete_lines(path)  # appends must start on a fresh line
+def _read_generations(path: Path, n_problems: int, k: int,
+                      repair: bool = True) -> dict[tuple[int, int], str]:
+    """Rows of an earlier run; a torn final line (crash mid-write) is cut off the file.
+
+    ``repair=False`` leaves the file as it is (another process owns it) and ignores
+    a torn final line.
+    """
+    data = fsio.complete_lines(path) if repair else path.read_bytes()
+    if not repair and not data.endswith(b"\n"):
+        data = data[:data.rfind(b"\n") + 1]
     done: dict[tuple[int, int], str] = {}
     for lineno, line in enumerate(data.split(b"\n")[:-1], start=1):
         if not line.strip():
@@ -173,16 +188,24 @@ def run_eval(student, bench: Benchmark, out_dir: str | os.PathLike,
     those found from an earlier run). ``resume`` continues a run interrupted
     in ``out_dir`` (settings must match); without it an existing run is an error.
     """
+    import jax
+
     from lark_jax.evaluation.stops import TextStop
     from lark_jax.models.generate import generate_ids
 
     cfg.validate()
     t0 = time.perf_counter()
+    n_proc, proc = jax.process_count(), jax.process_index()
+    lead = proc == 0
+    if n_proc > 1 and any(d.process_index != proc for d in student.mesh.devices.flat):
+        raise LarkError("multi-process eval needs each student on its own process's devices: "
+                        "load_student(..., mesh=make_mesh(devices=jax.local_devices()))")
     out = fsio.make_dir(out_dir)
     gen_path, run_path = out / GENERATIONS, out / RUN
     for p in (gen_path, run_path, out / ANSWERS, out / SUMMARY):
         fsio.refuse_link(p)
     settings = _settings(student, bench, cfg, model_name)
+    check_same_settings({**settings, "resume": resume, "out": str(out.resolve())}, "eval")
     earlier = [p.name for p in (gen_path, run_path, out / SUMMARY) if p.exists()]
     if earlier and not resume:
         raise LarkError(f"holds an earlier eval run ({', '.join(earlier)}); pass --resume to "
@@ -192,11 +215,14 @@ def run_eval(student, bench: Benchmark, out_dir: str | os.PathLike,
     elif gen_path.exists():
         raise LarkError(f"{GENERATIONS} without {RUN}: cannot tell how it was made; delete it "
                         "to start over", where=str(out))
-    fsio.atomic_write(run_path, json.dumps(settings, indent=1) + "\n")
-
     k = cfg.samples
     n = len(bench.problems)
-    done = _read_generations(gen_path, n, k) if gen_path.exists() else {}
+    barrier("lark_jax_eval_checked")  # every process has seen the directory as it was
+    if lead:
+        fsio.atomic_write(run_path, json.dumps(settings, indent=1) + "\n")
+        _merge_parts(out, n, k)  # samples of an interrupted multi-process run
+    barrier("lark_jax_eval_merged")
+    done = _read_generations(gen_path, n, k, repair=lead) if gen_path.exists() else {}
     n_resumed = len(done)
     if progress is not None and n_resumed:
         progress(n_resumed)
@@ -204,11 +230,13 @@ def run_eval(student, bench: Benchmark, out_dir: str | os.PathLike,
     tok = student.tokenizer
     stop = TextStop(tok, boxed=cfg.stop_at_boxed, strings=cfg.stop_strings)
     missing = [(i, s) for i in range(n) for s in range(k) if (i, s) not in done]
+    missing = missing[proc::n_proc]  # this process's share
     # Tokenized once per problem that still has samples to draw (a resumed run skips the rest).
     prompt_ids = {i: tok(prompts[i], add_special_tokens=False)["input_ids"]
                   for i in sorted({i for i, _ in missing})}
     n_generated = 0
-    with fsio.open_append(gen_path) as f:
+    own_path = gen_path if n_proc == 1 else _part_path(out, proc)
+    with fsio.open_append(own_path) as f:
         def finished(j: int, ids: list[int]) -> None:
             nonlocal n_generated
             r = missing[j]
@@ -228,6 +256,45 @@ def run_eval(student, bench: Benchmark, out_dir: str | os.PathLike,
                          keys=[i * k + s for i, s in missing],
                          stop=stop if stop.active else None, on_result=finished)
 
+    if n_proc > 1:
+        barrier("lark_jax_eval_generated")
+        if not lead:  # process 0 merges the samples and writes answers and summary
+            barrier("lark_jax_eval_written")
+            summary = json.loads((out / SUMMARY).read_text(encoding="utf-8"))
+            return EvalResult(summary, out, n_generated, n_resumed, time.perf_counter() - t0)
+        _merge_parts(out, n, k)
+        done = _read_generations(gen_path, n, k)
+        n_generated = len(done) - n_resumed  # every process's samples
+    result = _write_results(student, bench, cfg, settings, out, done, n_generated, n_resumed, t0)
+    barrier("lark_jax_eval_written")
+    return result
+
+
+def _part_path(out: Path, proc: int) -> Path:
+    return out / f"generations.p{proc}.jsonl"
+
+
+def _merge_parts(out: Path, n: int, k: int) -> None:
+    """Fold every process's ``generations.p*.jsonl`` into ``generations.jsonl`` (process 0)."""
+    parts = sorted(out.glob("generations.p*.jsonl"))
+    if not parts:
+        return
+    gen_path = out / GENERATIONS
+    done = _read_generations(gen_path, n, k) if gen_path.exists() else {}
+    for p in parts:
+        for key, text in _read_generations(p, n, k).items():
+            done.setdefault(key, text)
+    fsio.atomic_write(gen_path, "".join(
+        json.dumps({"problem": i, "sample": s, "completion": done[(i, s)]},
+                   ensure_ascii=False) + "\n" for i, s in sorted(done)))
+    for p in parts:  # merged (and durable) before any part is removed
+        p.unlink()
+
+
+def _write_results(student, bench: Benchmark, cfg: EvalConfig, settings: dict, out: Path,
+                   done: dict, n_generated: int, n_resumed: int, t0: float) -> EvalResult:
+    """Grade every sample; write answers.jsonl and summary.json."""
+    k = cfg.samples
     correct: dict[str, list[list[bool]]] = {g: [] for g in GRADERS}
     lines = []
     n_empty = 0

@@ -31,6 +31,7 @@ from lark_jax.data.chat import Tokenized, tokenize_record
 from lark_jax.data.packing import PackedBatch, best_fit_rows, build_batch
 from lark_jax.data.pool import Record, iter_pool
 from lark_jax.data.prefetch import prefetch
+from lark_jax.distributed import barrier
 from lark_jax.errors import LarkError
 from lark_jax.learnability.kernel import STATS, score_batch
 from lark_jax.learnability.scores import build_scores
@@ -315,7 +316,7 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
             rows, skipped = _gather_sidecars(out, n_proc)
             if rows is None:  # not process 0: process 0 writes the result
                 sidecar.close()
-                _barrier("lark_jax_score_written")
+                barrier("lark_jax_score_written")
                 sidecar.path.unlink(missing_ok=True)
                 return ScoreSummary(0, len(sidecar.rows), len(sidecar.skipped), n_resumed,
                                     tokens, padded, time.perf_counter() - t0, str(out))
@@ -330,7 +331,7 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
         }
         fsio.atomic_json(out, result)
         if n_proc > 1:
-            _barrier("lark_jax_score_written")
+            barrier("lark_jax_score_written")
     except BaseException as failure:
         try:
             stop.set()
@@ -354,15 +355,9 @@ def _sidecar_path(out: Path, proc: int, n_proc: int) -> Path:
     return out.with_name(out.name + suffix)
 
 
-def _barrier(name: str) -> None:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
 def _gather_sidecars(out: Path, n_proc: int):
     """After a barrier, process 0 reads every process's rows; others get (None, None)."""
-    _barrier("lark_jax_score_rows_done")
+    barrier("lark_jax_score_rows_done")
     if jax.process_index() != 0:
         return None, None
     rows, skipped = [], []

@@ -120,9 +120,24 @@ def step_denominator(examples: list[Example], idx, objective: str = "record") ->
                            [examples[i].tok.n_targets for i in idx], objective)
 
 
+def split_by_tokens(lengths: list[int], n: int) -> list[list[int]]:
+    """Positions of ``lengths`` dealt to ``n`` processes, longest first to the least loaded.
+
+    Deterministic (ties go to the lower position and process), so every process
+    computes every process's share without talking to the others.
+    """
+    shares: list[list[int]] = [[] for _ in range(n)]
+    load = [0] * n
+    for j in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        q = min(range(n), key=lambda q: (load[q], q))
+        shares[q].append(j)
+        load[q] += lengths[j]
+    return [sorted(s) for s in shares]
+
+
 def step_microbatches(examples: list[Example], idx: np.ndarray, row_len: int, rows: int,
                       max_segments: int | None = None, row_multiple: int | None = None,
-                      objective: str = "record"):
+                      objective: str = "record", process: int = 0, n_processes: int = 1):
     """Pack one step's examples; yields dicts of [rows', row_len] arrays.
 
     ``weights`` holds the objective's per-token coefficient c_t (training.objective);
@@ -134,20 +149,36 @@ def step_microbatches(examples: list[Example], idx: np.ndarray, row_len: int, ro
     a few padding rows, not a whole micro-batch of them, at the cost of at most
     log2(rows) extra compiled shapes. ``max_segments=1`` gives one record per row
     (no packing).
+
+    With ``n_processes`` > 1, ``rows`` and ``row_multiple`` are global: the step's
+    records are dealt to the processes by tokens (:func:`split_by_tokens`), each
+    packs its own share into rows / n_processes rows per micro-batch, and this
+    call yields process ``process``'s part. Every process yields the same number
+    of micro-batches with the same shapes (a process that runs out of records
+    contributes padding rows), because each computes every share's packing from
+    the token counts alone; the global batch is the processes' parts stacked.
     """
     coef = [token_coefficient(examples[i].weight, examples[i].tok.n_targets, objective)
              for i in idx]
     idx = [i for i, c in zip(idx, coef, strict=True) if c > 0]
     coef = [c for c in coef if c > 0]
     toks = [examples[i].tok for i in idx]
-    packed = best_fit_rows([len(t.ids) for t in toks], row_len,
-                           max_segments=max_segments or row_len)
-    for s in range(0, len(packed), rows):
-        chunk = packed[s:s + rows]
-        n_rows = rows
-        if row_multiple:
-            units = -(-len(chunk) // row_multiple)
-            n_rows = min(rows, row_multiple * (1 << (units - 1).bit_length()))
+    lengths = [len(t.ids) for t in toks]
+    if rows % n_processes or (row_multiple and row_multiple % n_processes):
+        raise LarkError(f"{rows} rows per micro-batch do not split over {n_processes} processes")
+    shares = split_by_tokens(lengths, n_processes) if n_processes > 1 else [list(range(len(toks)))]
+    packed = [[[share[j] for j in row] for row in best_fit_rows(
+        [lengths[j] for j in share], row_len, max_segments=max_segments or row_len)]
+        for share in shares]
+    rows_p = rows // n_processes
+    multiple = row_multiple // n_processes if row_multiple else None
+    n_micro = max(-(-len(p) // rows_p) for p in packed)
+    for s in range(0, n_micro * rows_p, rows_p):
+        chunk = packed[process][s:s + rows_p]
+        n_rows = rows_p
+        if multiple:
+            units = -(-max(len(p[s:s + rows_p]) for p in packed) // multiple)
+            n_rows = min(rows_p, multiple * (1 << (units - 1).bit_length()))
         b = build_batch(toks, chunk, n_rows, row_len)
         w = b.weights.copy()
         for r, seg, i in b.slots:  # broadcast the record's coefficient over its scored tokens

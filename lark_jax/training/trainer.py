@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from lark_jax import fsio
 from lark_jax.data.prefetch import prefetch
+from lark_jax.distributed import barrier, check_same_settings, gather_to_host
 from lark_jax.errors import LarkError
 from lark_jax.models.decoder import ATTN_IMPLS, Decoder
 from lark_jax.models.io import load_student, resolve_dtype, save_student
@@ -52,7 +53,7 @@ from lark_jax.training.data import (
     step_microbatches,
 )
 from lark_jax.training.loss import weighted_ce_sums
-from lark_jax.training.objective import OBJECTIVES
+from lark_jax.training.objective import OBJECTIVES, token_coefficient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +266,18 @@ class Trainer:
         return zeros, jnp.float32(0), jnp.float32(0)
 
     def place(self, batch: dict) -> dict:
-        return {k: jax.device_put(v, data_sharding(self.mesh, 2)) for k, v in batch.items()}
+        """This process's rows of a micro-batch -> global arrays split over "data".
+
+        With several processes each contributes its own rows (``step_microbatches``
+        with ``n_processes``); the global batch is every process's rows stacked.
+        """
+        sharding = data_sharding(self.mesh, 2)
+        n = jax.process_count()
+        if n == 1:
+            return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+        return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n,
+                                                                       *v.shape[1:]))
+                for k, v in batch.items()}
 
     def step(self, microbatches, denominator: float | None = None) -> tuple[float, float, int]:
         """One optimizer step over ``microbatches``; returns (loss, grad norm, tokens).
@@ -304,6 +316,10 @@ class Trainer:
     def model(self) -> Decoder:
         """The trained model (LoRA factors merged into the weights)."""
         return nnx.merge(self.graphdef, self.full(self.params))
+
+    def host_model(self) -> Decoder:
+        """The trained model with NumPy weights, whole on every process (a collective)."""
+        return nnx.merge(self.graphdef, gather_to_host(self.full(self.params)))
 
 
 def run_steps(trainer: Trainer, items, on_done: Callable[..., None], *, lag: bool = True,
@@ -370,6 +386,16 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
     """Fine-tune the student on a selection file; writes checkpoints, metrics, plot, final/.
 
     ``progress(step, total, loss=..., tok_s=...)`` is called after every step.
+
+    Multi-process (after ``lark_jax.distributed.initialize``): every process runs
+    this with the same arguments on a mesh over all processes' devices (the
+    default). Each packs only its share of each step's records
+    (``step_microbatches``), the step runs over the global batch (data parallel,
+    or FSDP over the same axis), checkpoints are written by all processes
+    together into ``out_dir`` (which must be on storage they all share), and
+    process 0 alone writes metrics, the plot and ``final/`` (from weights
+    gathered to it). Checkpoints restore onto any mesh: a run may resume on
+    another number of processes or devices.
     """
     import orbax.checkpoint as ocp
 
@@ -377,6 +403,12 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
     t0 = time.perf_counter()
     out_dir = fsio.refuse_link(out_dir)
     ckpt_dir = (out_dir / "checkpoints").absolute()
+    n_proc, proc = jax.process_count(), jax.process_index()
+    lead = proc == 0
+    check_same_settings({"student": str(student_dir), "data": str(data),
+                         "out": str(out_dir), "resume": resume,
+                         **{"--" + k.replace("_", "-"): v
+                            for k, v in dataclasses.asdict(cfg).items()}}, "train")
     for p in (ckpt_dir, *(out_dir / f for f in ("metrics.jsonl", "run_config.json", "loss.png",
                                                 "final"))):
         fsio.refuse_link(p)  # a link planted in the run directory is not followed
@@ -384,8 +416,13 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
         raise LarkError("run directory already has checkpoints; pass --resume to continue or "
                         "choose a new --out", where=str(out_dir))
     mesh = mesh if mesh is not None else make_mesh()
+    if n_proc > 1 and len({d.process_index for d in mesh.devices.flat}) != n_proc:
+        raise LarkError("multi-process training needs one mesh over every process's devices "
+                        "(make_mesh() over jax.devices())")
     student = load_student(student_dir, "float32", mesh=mesh,
                            attn_impl=cfg.attention)
+    # Every process reads and tokenizes the whole selection (cheap beside training), so
+    # each can compute every process's packing of a step from token counts alone.
     examples, n_skipped = read_selection(data, student.tokenizer, cfg.max_length, cfg.objective,
                                          cfg.system_turn)
     plan = StepPlan(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.seed)
@@ -400,11 +437,14 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
                   "n_examples": len(examples), "n_skipped": n_skipped, "total_steps": total,
                   "steps_per_epoch": plan.steps_per_epoch, "row_length": row_len,
                   "rows_per_microbatch": rows, "remat": remat,
-                  "warmup_steps": warmup_steps(cfg, total), "devices": int(mesh.devices.size)}
+                  "warmup_steps": warmup_steps(cfg, total), "devices": int(mesh.devices.size),
+                  "processes": n_proc}
     if resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         _check_resume_settings(out_dir / "run_config.json", run_config)
-    fsio.make_dir(out_dir)
-    fsio.atomic_write(out_dir / "run_config.json", json.dumps(run_config, indent=2) + "\n")
+    barrier("lark_jax_train_checked")  # every process has read run_config.json
+    if lead:
+        fsio.make_dir(out_dir)
+        fsio.atomic_write(out_dir / "run_config.json", json.dumps(run_config, indent=2) + "\n")
 
     mgr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, enable_async_checkpointing=True))
@@ -414,27 +454,36 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
         start = int(mgr.latest_step())
         tree = {"params": trainer.params, "opt_state": trainer.opt_state,
                 "step": jnp.int32(0)}
+        # Restored onto this run's shardings, whatever mesh wrote the checkpoint.
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
         restored = mgr.restore(start, args=ocp.args.StandardRestore(abstract))
         trainer.params, trainer.opt_state = restored["params"], restored["opt_state"]
-        if metrics_path.exists():  # drop metrics of steps after the checkpoint
+        if lead and metrics_path.exists():  # drop metrics of steps after the checkpoint
             done = fsio.complete_lines(metrics_path).decode("utf-8")  # cuts a torn last line
             kept = [ln for ln in done.splitlines()
                     if ln.strip() and json.loads(ln)["step"] <= start]
             fsio.atomic_write(metrics_path, "".join(ln + "\n" for ln in kept))
-    elif metrics_path.exists():
+    elif lead and metrics_path.exists():
         metrics_path.unlink()
 
     def save(step: int) -> None:
         mgr.save(step, args=ocp.args.StandardSave(
             {"params": trainer.params, "opt_state": trainer.opt_state, "step": jnp.int32(step)}))
 
+    step_tokens: dict[int, int] = {}
+
     def packed():
         """Each step's packed micro-batches (run by a host thread, cfg.prefetch ahead)."""
         for step in range(start, total):
             idx = plan.step_indices(step)
+            # Tokens of the whole step (every process's share), for the metrics.
+            step_tokens[step] = sum(len(examples[i].tok.ids) for i in idx
+                                    if token_coefficient(examples[i].weight,
+                                                         examples[i].tok.n_targets,
+                                                         cfg.objective) > 0)
             yield step, list(step_microbatches(examples, idx, row_len, rows,
-                                               row_multiple=n_data, objective=cfg.objective)), \
+                                               row_multiple=n_data, objective=cfg.objective,
+                                               process=proc, n_processes=n_proc)), \
                 step_denominator(examples, idx, cfg.objective)
 
     def checkpoint_step(step: int) -> bool:
@@ -442,16 +491,18 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
 
     last = {"loss": math.nan, "tokens": 0, "t": time.perf_counter()}
 
-    def done(step, loss, gnorm, tokens):
+    def done(step, loss, gnorm, _local_tokens):
         now = time.perf_counter()
         dt, last["t"] = now - last["t"], now
+        tokens = step_tokens.pop(step)
         last["tokens"] += tokens
         last["loss"] = loss
         rec = {"step": step + 1, "epoch": step // plan.steps_per_epoch + 1,
                "loss": loss, "lr": float(trainer.schedule(step)), "grad_norm": gnorm,
                "tokens": tokens, "tokens_per_s": tokens / dt if dt > 0 else 0.0}
-        mf.write(json.dumps(rec) + "\n")
-        mf.flush()
+        if mf is not None:
+            mf.write(json.dumps(rec) + "\n")
+            mf.flush()
         if not math.isfinite(loss):
             raise LarkError(f"loss became {loss} at step {step + 1}")
         if checkpoint_step(step):  # the step has finished (sync_after): params are its own
@@ -460,7 +511,7 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
             progress(step + 1, total, loss=loss, tok_s=rec["tokens_per_s"])
 
     try:
-        with fsio.open_append(metrics_path) as mf, \
+        with (fsio.open_append(metrics_path) if lead else contextlib.nullcontext()) as mf, \
                 contextlib.closing(prefetch(packed(), cfg.prefetch)) as items:
             run_steps(trainer, items, done, sync_after=checkpoint_step)
         if mgr.latest_step() != total:
@@ -470,9 +521,19 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
         mgr.wait_until_finished()
         mgr.close()
     trainer.opt_state = None  # export needs only the weights: free Adam's two moments first
-    final = save_student(trainer.model(), out_dir / "final", student.tokenizer,
+    final = out_dir / "final"
+    if n_proc == 1:
+        save_student(trainer.model(), final, student.tokenizer,
+                     dtype=resolve_dtype(cfg.export_dtype), overwrite=True)
+    else:
+        model = trainer.host_model()  # every process takes part in the gather
+        if lead:
+            save_student(model, final, student.tokenizer,
                          dtype=resolve_dtype(cfg.export_dtype), overwrite=True)
-    plot_loss(metrics_path, out_dir / "loss.png")
+        del model
+    if lead:
+        plot_loss(metrics_path, out_dir / "loss.png")
+    barrier("lark_jax_train_written")  # no process reports before final/ exists
     return TrainSummary(total, start, last["loss"], last["tokens"], time.perf_counter() - t0,
                         str(final))
 
