@@ -81,6 +81,10 @@ def initialize(c: ClusterArgs) -> bool:
             raise LarkError(f"--coordinator must be HOST:PORT, got {c.coordinator!r}")
     if c.init_timeout < 1 or c.heartbeat_timeout < 1:
         raise LarkError("--init-timeout and --heartbeat-timeout must be >= 1 second")
+    if c.coordinator is not None and c.process_id != 0:
+        # JAX aborts the process (no Python error) when the coordinator cannot be
+        # reached in time, so wait for its port here and fail with a clear message.
+        _wait_for_port(c.coordinator, c.init_timeout)
     try:
         jax.distributed.initialize(coordinator_address=c.coordinator,
                                    num_processes=c.num_processes, process_id=c.process_id,
@@ -91,6 +95,29 @@ def initialize(c: ClusterArgs) -> bool:
         raise LarkError(f"could not join the run at {c.coordinator or '(auto-detected)'} "
                         f"within --init-timeout {c.init_timeout}s: {first}") from None
     return jax.process_count() > 1
+
+
+def _wait_for_port(address: str, timeout: float) -> None:
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise LarkError(f"--coordinator must be HOST:PORT, got {address!r}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port_n), timeout=1.0):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise LarkError(f"could not join the run: the coordinator {address} did not "
+                                f"answer within --init-timeout {timeout:g}s ({e.strerror or e}); "
+                                "is process 0 running and the address reachable?") from None
+        time.sleep(0.25)
 
 
 def barrier(name: str) -> None:

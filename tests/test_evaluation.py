@@ -442,3 +442,21 @@ def test_problem_wins_over_prompt(tmp_path):
     path.write_text(json.dumps([{"prompt": "P", "problem": "Q", "answer": "1"},
                                 {"prompt": "only prompt", "answer": "2"}]))
     assert [p.prompt for p in load_benchmark(path).problems] == ["Q", "only prompt"]
+
+
+def test_resume_merges_the_parts_of_a_multi_process_run(tiny, tmp_path):
+    """A 2-process run that died leaves generations.p0/p1.jsonl (one with a torn line);
+    resuming (here on one process) merges them and draws only the missing samples."""
+    _, student = tiny
+    bench = load_benchmark(write_bench(tmp_path / "arith.jsonl"))
+    run_eval(student, bench, tmp_path / "a", CFG)
+    rows = (tmp_path / "a" / "generations.jsonl").read_text().splitlines(keepends=True)
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "run.json").write_text((tmp_path / "a" / "run.json").read_text())
+    (b / "generations.p0.jsonl").write_text("".join(rows[0:8:2]) + rows[8][:10])
+    (b / "generations.p1.jsonl").write_text("".join(rows[1:8:2]))
+    res = run_eval(student, bench, b, CFG, resume=True)
+    assert res.n_resumed == 8 and res.n_generated == 7
+    assert read_rows(b / "generations.jsonl") == read_rows(tmp_path / "a" / "generations.jsonl")
+    assert not list(b.glob("generations.p*"))

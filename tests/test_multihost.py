@@ -1,18 +1,37 @@
-"""Two real processes (jax.distributed, 4 CPU devices each) score one pool == one process."""
+"""Real processes on localhost (jax.distributed, gloo CPU collectives): 2 processes x 4
+devices give one process's results for score, train (plain and FSDP) and eval; a killed
+process stops its peer; runs resume across process and device counts."""
 
 import json
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
-from conftest import write_pool
+from conftest import write_pool, write_selection
 
+# The CLI in a child process with LARK_TEST_DEVICES simulated CPU devices (default 4);
+# with LARK_TEST_KILL_AFTER=N the process SIGKILLs itself once step N's loss is known.
 CHILD = r"""
-import sys
+import os, signal, sys
 import jax
-jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_num_cpu_devices", int(os.environ.get("LARK_TEST_DEVICES", "4")))
+kill_after = int(os.environ.get("LARK_TEST_KILL_AFTER", "0"))
+if kill_after:
+    import lark_jax.training.trainer as trainer
+    real = trainer.run_steps
+    def run_steps(tr, items, on_done, **kw):
+        def done(step, *a):
+            on_done(step, *a)
+            if step + 1 == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(tr, items, done, **kw)
+    trainer.run_steps = run_steps
 from lark_jax.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -49,3 +68,160 @@ def test_two_processes_merge_to_the_single_process_result(hf_students, tmp_path)
         assert [c["candidate_id"] for c in ca] == [c["candidate_id"] for c in cb]
         np.testing.assert_allclose([c["g_hat"] for c in ca], [c["g_hat"] for c in cb], rtol=1e-5)
     assert not list(tmp_path.glob("*.partial*"))
+
+
+def launch(args, n_proc=2, devices=4, env_for=None, args_for=None):
+    """Start the CLI as ``n_proc`` processes of one run (or one plain process).
+
+    ``env_for`` / ``args_for``: {process id: extra environment / arguments}.
+    """
+    base = {**os.environ, "LARK_TEST_DEVICES": str(devices)}
+    if n_proc == 1:
+        return [subprocess.Popen([sys.executable, "-c", CHILD, *args], env=base,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    port = free_port()
+    return [subprocess.Popen([sys.executable, "-c", CHILD, *args,
+                              *(args_for or {}).get(i, []), "--coordinator",
+                              f"localhost:{port}", "--num-processes", str(n_proc),
+                              "--process-id", str(i), "--heartbeat-timeout", "5"],
+                             env={**base, **(env_for or {}).get(i, {})},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(n_proc)]
+
+
+def finish(procs, timeout=600):
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [p.returncode for p in procs], [o[1] for o in outs]
+
+
+def run_ok(args, **kw):
+    rcs, errs = finish(launch(args, **kw))
+    assert rcs == [0] * len(rcs), [e[-3000:] for e in errs]
+
+
+def losses(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return np.array([[r["step"], r["loss"], r["grad_norm"], r["tokens"]] for r in rows])
+
+
+def weights(run_dir):
+    from safetensors.numpy import load_file
+
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_same_run(a, b):
+    la, lb = losses(a), losses(b)
+    assert la.shape == lb.shape and (la[:, 0] == lb[:, 0]).all() and (la[:, 3] == lb[:, 3]).all()
+    np.testing.assert_allclose(lb[:, 1:3], la[:, 1:3], rtol=1e-5)
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_allclose(wb[k], wa[k], atol=1e-6, rtol=0, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def train_case(hf_students, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mh_train")
+    d, _ = hf_students["qwen2_bias_tied"]
+    pool = write_pool(tmp / "pool.jsonl", n_problems=8)
+    sel = write_selection(tmp / "train.jsonl", pool, weights=[0.2, 1.0, 2.5])
+    args = ["train", "--student", str(d), "--data", str(sel), "--batch-size", "8",
+            "--max-steps", "6", "--lr", "1e-3", "--micro-batch-tokens", "1024",
+            "--max-length", "512", "--save-every", "2", "--keep", "5", "-q"]
+    return tmp, args
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp"])
+def test_train_two_processes_equal_one(train_case, fsdp):
+    tmp, args = train_case
+    args = args + (["--fsdp"] if fsdp else [])
+    tag = "fsdp" if fsdp else "dp"
+    one, two = tmp / f"one_{tag}", tmp / f"two_{tag}"
+    run_ok(args + ["--out", str(one)], n_proc=1, devices=8)
+    run_ok(args + ["--out", str(two)])
+    assert_same_run(one, two)
+    assert json.loads((two / "run_config.json").read_text())["processes"] == 2
+    if fsdp:
+        return
+    # The 2 x 4 checkpoint of step 4 resumes on 1 process x 8 devices and on 1 device.
+    for n_dev in (8, 1):
+        again = tmp / f"again_{n_dev}"
+        shutil.copytree(two, again)
+        shutil.rmtree(again / "final")
+        shutil.rmtree(again / "checkpoints" / "6")
+        run_ok(args + ["--out", str(again), "--resume"], n_proc=1, devices=n_dev)
+        assert_same_run(one, again)
+
+
+@pytest.mark.slow
+def test_killed_process_stops_its_peer_and_both_resume(train_case):
+    tmp, args = train_case
+    one, run = tmp / "one_dp", tmp / "killed"
+    if not (one / "final").exists():
+        run_ok(args + ["--out", str(one)], n_proc=1, devices=8)
+    t0 = time.monotonic()
+    procs = launch(args + ["--out", str(run), "--save-every", "1"],
+                   env_for={1: {"LARK_TEST_KILL_AFTER": "3"}})
+    rcs, errs = finish(procs, timeout=120)
+    assert rcs[1] == -signal.SIGKILL
+    assert rcs[0] != 0 and time.monotonic() - t0 < 100, "the survivor must not hang"
+    assert "stopped sending heartbeats" in errs[0], errs[0][-2000:]
+    run_ok(args + ["--out", str(run), "--save-every", "1", "--resume"])
+    assert_same_run(one, run)
+
+
+@pytest.mark.slow
+def test_eval_two_processes_equal_one(tmp_path):
+    from lark_jax.models.tiny import make_tiny_student
+
+    d = make_tiny_student(tmp_path / "tiny", "qwen2")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "answer": str(2 * i)})
+                             + "\n" for i in range(5)))
+    args = ["eval", "--model", str(d), "--benchmark", str(bench), "--samples", "3",
+            "--temperature", "1.0", "--max-new-tokens", "8", "--batch-size", "4", "-q"]
+    run_ok(args + ["--out", str(tmp_path / "one")], n_proc=1)
+    run_ok(args + ["--out", str(tmp_path / "two")])
+
+    def rows(run):
+        return sorted((json.loads(x) for x in (run / "generations.jsonl").read_text()
+                       .splitlines()), key=lambda r: (r["problem"], r["sample"]))
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert len(rows(tmp_path / "one")) == 15 and rows(tmp_path / "one") == rows(tmp_path / "two")
+    assert one == two
+    assert not list((tmp_path / "two").glob("generations.p*"))
+
+
+def test_bad_cluster_options_fail_clearly(tmp_path):
+    common = [sys.executable, "-c", CHILD, "eval", "--model", "x", "--benchmark", "y",
+              "--out", str(tmp_path / "o")]
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
+    common[common.index("y")] = str(bench)
+    p = subprocess.run(common + ["--coordinator", "localhost:1", "--num-processes", "2",
+                                 "--process-id", "2"], capture_output=True, text=True)
+    assert p.returncode != 0 and "--process-id must be in 0..1" in p.stderr
+    assert "Traceback" not in p.stderr
+    # Nobody listens at the coordinator's port: a clear error once --init-timeout passes.
+    t0 = time.monotonic()
+    p = subprocess.run(common + ["--coordinator", f"localhost:{free_port()}", "--num-processes",
+                                 "2", "--process-id", "1", "--init-timeout", "3"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "could not join the run" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and time.monotonic() - t0 < 60
+
+
+@pytest.mark.slow
+def test_processes_started_with_different_settings_are_refused(train_case):
+    tmp, args = train_case
+    rcs, errs = finish(launch(args + ["--out", str(tmp / "mixed")],
+                              args_for={1: ["--lr", "2e-3"]}), timeout=120)
+    assert rcs == [2, 2], [e[-2000:] for e in errs]
+    assert "process 1 was started with other train settings than process 0 (--lr: 0.001 != " \
+           "0.002)" in errs[1]
+    assert "process(es) 1 were started with other train settings" in errs[0]
+    assert not any("Traceback" in e for e in errs)
+    assert not (tmp / "mixed" / "checkpoints").exists()

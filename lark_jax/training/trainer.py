@@ -452,10 +452,10 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
     metrics_path = out_dir / "metrics.jsonl"
     if resume and mgr.latest_step() is not None:
         start = int(mgr.latest_step())
-        tree = {"params": trainer.params, "opt_state": trainer.opt_state,
-                "step": jnp.int32(0)}
+        tree = {"params": trainer.params, "opt_state": trainer.opt_state}
         # Restored onto this run's shardings, whatever mesh wrote the checkpoint.
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+        abstract = {**jax.tree.map(ocp.utils.to_shape_dtype_struct, tree),
+                    "step": np.zeros((), np.int32)}
         restored = mgr.restore(start, args=ocp.args.StandardRestore(abstract))
         trainer.params, trainer.opt_state = restored["params"], restored["opt_state"]
         if lead and metrics_path.exists():  # drop metrics of steps after the checkpoint
@@ -468,7 +468,9 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
 
     def save(step: int) -> None:
         mgr.save(step, args=ocp.args.StandardSave(
-            {"params": trainer.params, "opt_state": trainer.opt_state, "step": jnp.int32(step)}))
+            {"params": trainer.params, "opt_state": trainer.opt_state,
+             # a host value: a device scalar would live on one process's device only
+             "step": np.asarray(step, np.int32)}))
 
     step_tokens: dict[int, int] = {}
 
