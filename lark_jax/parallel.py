@@ -34,19 +34,41 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def data_sharding(mesh, ndim: int) -> NamedSharding:
-    """Split the leading (batch) axis over "data", replicate the rest."""
-    return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
-
-
-def param_sharding(mesh, shape: tuple[int, ...], split_axis: int | None) -> NamedSharding:
-    """Split ``split_axis`` over "model" when it divides evenly, else replicate."""
-    m = mesh.shape.get("model", 1)
-    if split_axis is None or m == 1 or shape[split_axis] % m:
-        return replicated(mesh)
-    spec = [None] * len(shape)
-    spec[split_axis] = "model"
+def data_sharding(mesh, ndim: int, axis: int = 0) -> NamedSharding:
+    """Split the batch axis (``axis``) as ``SHARDING_RULES["batch"]`` says, replicate the rest."""
+    spec = [None] * ndim
+    spec[axis] = SHARDING_RULES["batch"]["batch"]
     return NamedSharding(mesh, P(*spec))
+
+
+# Which mesh axis each logical axis (models.params) may be split over, per mode. A weight is
+# split along its first dimension whose logical axis the mode maps to a mesh axis of size > 1
+# that divides it; otherwise it is replicated. (One split per weight, so no mesh axis is
+# used twice.)
+SHARDING_RULES: dict[str, dict[str, str]] = {
+    # Megatron-style tensor parallelism for scoring and generation: column-parallel
+    # q/k/v/gate/up, row-parallel o/down, vocab-parallel embedding and head.
+    "model": {"vocab": "model", "heads": "model", "kv_heads": "model", "mlp": "model"},
+    # FSDP training: every weight split over the data axis along its first dimension
+    # after the layer axis that the data-parallel width divides.
+    "fsdp": {a: "data" for a in ("vocab", "embed", "heads", "kv_heads", "mlp", "head_dim")},
+    # Activations and caches: the batch (rows, decoding slots) over the data axis.
+    "batch": {"batch": "data"},
+}
+
+
+def logical_sharding(mesh, axes: tuple[str | None, ...], shape: tuple[int, ...],
+                     mode: str) -> NamedSharding:
+    """The ``NamedSharding`` of an array with logical ``axes`` under ``SHARDING_RULES[mode]``."""
+    rules = SHARDING_RULES[mode]
+    for dim, (name, size) in enumerate(zip(axes, shape, strict=True)):
+        mesh_axis = rules.get(name) if name else None
+        n = mesh.shape.get(mesh_axis, 1) if mesh_axis else 1
+        if n > 1 and size % n == 0:
+            spec = [None] * len(shape)
+            spec[dim] = mesh_axis
+            return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
 
 
 def mesh_summary(mesh) -> str:

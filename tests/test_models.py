@@ -267,3 +267,31 @@ def test_sequence_chunked_mlp_matches(hf_students, monkeypatch):
     ids = np.random.RandomState(8).randint(0, 200, (2, 64))
     ours = np.asarray(m(jnp.asarray(ids, jnp.int32)))
     assert np.abs(ours - torch_logits(ref, ids)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_parameter_table_counts_and_shards_every_weight(hf_students, case):
+    """num_params comes from the one table and equals transformers' count (o/mlp biases,
+    q/k norms and tied heads included); every weight has one logical axis per dimension."""
+    from lark_jax.models.params import param_shardings, param_specs
+    from lark_jax.parallel import SHARDING_RULES
+
+    d, ref = hf_students[case]
+    student = lark_jax.load_student(d, mesh=make_mesh(model=2))
+    cfg = student.config
+    assert cfg.num_params() == sum(p.numel() for p in ref.parameters())
+    known = {"layers"} | {a for rules in SHARDING_RULES.values() for a in rules}
+    for spec in param_specs(cfg):
+        assert len(spec.axes) == len(spec.shape) and set(spec.axes) <= known, spec
+    # Loading, FSDP and model-parallel placement all read the table: column-parallel q,
+    # row-parallel o, vocab-parallel embedding, and the FSDP split of gate over "data".
+    m = student.model
+    assert tuple(m.layers.q_proj[...].sharding.spec) == (None, "model", None)
+    assert tuple(m.layers.o_proj[...].sharding.spec) == (None, None, "model")
+    # (a vocabulary the model axis does not divide stays whole)
+    want = ("model", None) if cfg.vocab_size % 2 == 0 else ()
+    assert tuple(m.embed[...].sharding.spec) == want
+    from flax import nnx
+
+    fsdp = param_shardings(nnx.split(m)[1], cfg, make_mesh(), "fsdp")
+    assert tuple(fsdp["layers"]["gate_proj"].spec) == (None, "data", None)

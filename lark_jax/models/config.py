@@ -56,16 +56,10 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def num_params(self) -> int:
-        """Parameter count (embeddings included, tied head counted once)."""
-        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        attn = d * self.q_dim + 2 * d * self.kv_dim + self.q_dim * d
-        if self.qkv_bias:
-            attn += self.q_dim + 2 * self.kv_dim
-        if self.qk_norm:
-            attn += 2 * self.head_dim
-        layer = attn + 3 * d * f + 2 * d
-        head = 0 if self.tie_word_embeddings else v * d
-        return v * d + self.num_layers * layer + d + head
+        """Parameter count from the parameter table (a tied head counted once)."""
+        from lark_jax.models.params import count_params
+
+        return count_params(self)
 
     # -- Hugging Face conversion -------------------------------------------------
 

@@ -28,51 +28,7 @@ from jax import lax
 
 from lark_jax.models.attention import attention
 from lark_jax.models.config import ModelConfig, rope_inv_freq
-
-
-class ParamSpec(NamedTuple):
-    attr: str  # attribute on Decoder (top level) or Decoder.layers (stacked)
-    hf_name: str  # tensor name in HF safetensors; "{i}" = layer index
-    shape: tuple[int, ...]  # per-layer shape for stacked params
-    init: str  # "normal" | "ones" | "zeros"
-    stacked: bool
-
-
-def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
-    """The single table that drives initialisation, loading, saving and sharding."""
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    a = "model.layers.{i}.self_attn."
-    m = "model.layers.{i}.mlp."
-    specs = [
-        ParamSpec("embed", "model.embed_tokens.weight", (v, d), "normal", False),
-        ParamSpec("final_norm", "model.norm.weight", (d,), "ones", False),
-        ParamSpec("input_norm", "model.layers.{i}.input_layernorm.weight", (d,), "ones", True),
-        ParamSpec("q_proj", a + "q_proj.weight", (cfg.q_dim, d), "normal", True),
-        ParamSpec("k_proj", a + "k_proj.weight", (cfg.kv_dim, d), "normal", True),
-        ParamSpec("v_proj", a + "v_proj.weight", (cfg.kv_dim, d), "normal", True),
-        ParamSpec("o_proj", a + "o_proj.weight", (d, cfg.q_dim), "normal", True),
-        ParamSpec("post_norm", "model.layers.{i}.post_attention_layernorm.weight", (d,),
-                  "ones", True),
-        ParamSpec("gate_proj", m + "gate_proj.weight", (f, d), "normal", True),
-        ParamSpec("up_proj", m + "up_proj.weight", (f, d), "normal", True),
-        ParamSpec("down_proj", m + "down_proj.weight", (d, f), "normal", True),
-    ]
-    if not cfg.tie_word_embeddings:
-        specs.append(ParamSpec("lm_head", "lm_head.weight", (v, d), "normal", False))
-    if cfg.qkv_bias:
-        specs += [ParamSpec("q_bias", a + "q_proj.bias", (cfg.q_dim,), "zeros", True),
-                  ParamSpec("k_bias", a + "k_proj.bias", (cfg.kv_dim,), "zeros", True),
-                  ParamSpec("v_bias", a + "v_proj.bias", (cfg.kv_dim,), "zeros", True)]
-    if cfg.o_bias:
-        specs.append(ParamSpec("o_bias", a + "o_proj.bias", (d,), "zeros", True))
-    if cfg.mlp_bias:
-        specs += [ParamSpec("gate_bias", m + "gate_proj.bias", (f,), "zeros", True),
-                  ParamSpec("up_bias", m + "up_proj.bias", (f,), "zeros", True),
-                  ParamSpec("down_bias", m + "down_proj.bias", (d,), "zeros", True)]
-    if cfg.qk_norm:
-        specs += [ParamSpec("q_norm", a + "q_norm.weight", (cfg.head_dim,), "ones", True),
-                  ParamSpec("k_norm", a + "k_norm.weight", (cfg.head_dim,), "ones", True)]
-    return specs
+from lark_jax.models.params import ParamSpec, param_specs
 
 
 def rms_norm(x, w, eps):

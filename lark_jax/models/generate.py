@@ -28,8 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from lark_jax.errors import LarkError
 from lark_jax.models.decoder import KVCache
@@ -152,7 +150,7 @@ class _Engine:
         shard = data_sharding(self.mesh, 1)
         put = lambda x: jax.device_put(x, shard)  # noqa: E731
         cache = KVCache.empty(cfg, n_slots, cap, dt)
-        kv = NamedSharding(self.mesh, P(None, "data"))  # [L, slots, cap, kv heads, head]
+        kv = data_sharding(self.mesh, 5, axis=1)  # [L, slots, cap, kv heads, head]
         self.state = {
             "cache": KVCache(jax.device_put(cache.k, kv), jax.device_put(cache.v, kv),
                              jax.device_put(cache.valid, data_sharding(self.mesh, 2))),

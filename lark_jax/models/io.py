@@ -23,19 +23,13 @@ from flax import nnx
 from lark_jax import fsio
 from lark_jax.errors import LarkError
 from lark_jax.models.config import ModelConfig
-from lark_jax.models.decoder import Decoder, ParamSpec, param_specs
+from lark_jax.models.decoder import Decoder
+from lark_jax.models.params import ParamSpec, param_specs
 from lark_jax.models.safetensors_io import SafetensorsFile, write_file
-from lark_jax.parallel import make_mesh, param_sharding
+from lark_jax.parallel import logical_sharding, make_mesh
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-# Which axis of each weight is split over the "model" mesh axis (Megatron-style:
-# column-parallel q/k/v/gate/up, row-parallel o/down, vocab-parallel embed/head).
-_SPLIT_AXIS = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0,
-               "o_proj": 1, "down_proj": 1, "embed": 0, "lm_head": 0,
-               "q_bias": 0, "k_bias": 0, "v_bias": 0, "gate_bias": 0, "up_bias": 0}
-
 
 @dataclasses.dataclass
 class Student:
@@ -117,11 +111,8 @@ def _load_param(spec: ParamSpec, cfg: ModelConfig, tensors, dtype, mesh, model_d
             raise LarkError(f"tensor {name!r} has shape {list(got)}, expected "
                             f"{list(spec.shape)} from config.json",
                             where=str(tensors[name].path))
-    shape = (cfg.num_layers, *spec.shape) if spec.stacked else spec.shape
-    split = _SPLIT_AXIS.get(spec.attr)
-    if split is not None and spec.stacked:
-        split += 1
-    sharding = param_sharding(mesh, shape, split)
+    shape = spec.full_shape(cfg)
+    sharding = logical_sharding(mesh, spec.full_axes(), shape, "model")
     np_dtype = np.dtype(dtype)
 
     def one(name: str, index: tuple) -> np.ndarray:

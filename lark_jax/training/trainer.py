@@ -34,8 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from lark_jax import fsio
 from lark_jax.data.prefetch import prefetch
@@ -43,7 +41,8 @@ from lark_jax.distributed import barrier, check_same_settings, gather_to_host
 from lark_jax.errors import LarkError
 from lark_jax.models.decoder import ATTN_IMPLS, Decoder
 from lark_jax.models.io import load_student, resolve_dtype, save_student
-from lark_jax.parallel import data_sharding, make_mesh
+from lark_jax.models.params import param_shardings, spec_by_attr
+from lark_jax.parallel import data_sharding, logical_sharding, make_mesh, replicated
 from lark_jax.runs import check_resume
 from lark_jax.training.data import (
     SYSTEM_TURNS,
@@ -162,7 +161,7 @@ def make_optimizer(cfg: TrainConfig, total: int):
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def init_lora(base, rank: int, seed: int) -> dict:
+def init_lora(base, rank: int, seed: int, specs: dict) -> dict:
     """LoRA factors for every stacked projection W [L, out, in]: A [L, r, in], B [L, out, r].
 
     A ~ N(0, 1/in), B = 0, so training starts exactly at the base model.
@@ -172,11 +171,17 @@ def init_lora(base, rank: int, seed: int) -> dict:
     for i, name in enumerate(LORA_TARGETS):
         w = base["layers"][name]
         n_layers, d_out, d_in = w.shape
+        mesh = w.sharding.mesh
+        # The factors' axes come from their weight's table entry; "lora" (the rank) is
+        # split by no rule, and with the trainer's (data-only) mesh they are replicated.
+        out_axis, in_axis = specs[name].axes
         a = jax.random.normal(jax.random.fold_in(key, i), (n_layers, rank, d_in), jnp.float32)
-        # Factors are small: replicate them on the base weight's mesh.
-        rep = NamedSharding(w.sharding.mesh, P())
-        out[name] = {"a": jax.device_put(a / np.sqrt(d_in), rep),
-                     "b": jax.device_put(jnp.zeros((n_layers, d_out, rank), jnp.float32), rep)}
+        b = jnp.zeros((n_layers, d_out, rank), jnp.float32)
+        out[name] = {
+            "a": jax.device_put(a / np.sqrt(d_in), logical_sharding(
+                mesh, ("layers", "lora", in_axis), a.shape, "model")),
+            "b": jax.device_put(b, logical_sharding(
+                mesh, ("layers", out_axis, "lora"), b.shape, "model"))}
     return out
 
 
@@ -188,17 +193,6 @@ def merge_lora(base, lora: dict, scale: float):
         delta = jnp.einsum("lor,lri->loi", f["b"], f["a"])
         merged["layers"][name] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
     return merged
-
-
-def _fsdp_sharding(mesh, x) -> NamedSharding:
-    """Split the first axis (after a stacked layer axis) that the data axis divides."""
-    n = mesh.shape["data"]
-    for ax in range(1 if x.ndim > 1 else 0, x.ndim):
-        if x.shape[ax] % n == 0 and x.shape[ax] >= n:
-            spec = [None] * x.ndim
-            spec[ax] = "data"
-            return NamedSharding(mesh, P(*spec))
-    return NamedSharding(mesh, P())
 
 
 class Trainer:
@@ -215,15 +209,15 @@ class Trainer:
         self.graphdef_c, _ = nnx.split(nnx.eval_shape(
             lambda: Decoder(model.cfg, dtype=compute, remat=remat,
                             attn_impl=model.attn_impl, mesh=mesh)))
-        if cfg.fsdp:
-            params = jax.tree.map(lambda x: jax.device_put(x, _fsdp_sharding(mesh, x)), params)
+        if cfg.fsdp:  # the parameter table's logical axes under the "fsdp" rules
+            params = jax.device_put(params, param_shardings(params, model.cfg, mesh, "fsdp"))
         # With LoRA the optimiser sees only the factors; the base weights stay frozen.
         self.base = params if cfg.lora_rank else None
         scale = (cfg.lora_alpha or 2.0 * cfg.lora_rank) / max(cfg.lora_rank, 1)
         self.full = (lambda p: merge_lora(self.base, p, scale)) if cfg.lora_rank else \
             (lambda p: p)
         if cfg.lora_rank:
-            params = init_lora(params, cfg.lora_rank, cfg.seed)
+            params = init_lora(params, cfg.lora_rank, cfg.seed, spec_by_attr(model.cfg))
         self.params = params
         self.tx = make_optimizer(cfg, total_steps)
         self.schedule = make_schedule(cfg, total_steps)
@@ -231,7 +225,7 @@ class Trainer:
         # leaf on the mesh so that the jitted update sees one set of devices.
         self.opt_state = jax.tree.map(
             lambda x: x if getattr(x.sharding, "mesh", None) == mesh
-            else jax.device_put(x, NamedSharding(mesh, P())), self.tx.init(params))
+            else jax.device_put(x, replicated(mesh)), self.tx.init(params))
         shard = jax.tree.map(lambda x: x.sharding, (self.params, self.opt_state))
         gdc, chunk = self.graphdef_c, cfg.chunk_tokens
 
