@@ -132,16 +132,23 @@ def train_case(hf_students, tmp_path_factory):
     return tmp, args
 
 
+@pytest.fixture(scope="module")
+def one_process_run(train_case):
+    """The reference: one process with 8 devices, data parallel."""
+    tmp, args = train_case
+    run_ok(args + ["--out", str(tmp / "one")], n_proc=1, devices=8)
+    return tmp / "one"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp"])
-def test_train_two_processes_equal_one(train_case, fsdp):
+def test_train_two_processes_equal_one(train_case, one_process_run, fsdp):
+    """2 x 4 devices == 1 x 8 (FSDP computes the same step as data parallelism, so both
+    are checked against the one data-parallel reference run)."""
     tmp, args = train_case
-    args = args + (["--fsdp"] if fsdp else [])
-    tag = "fsdp" if fsdp else "dp"
-    one, two = tmp / f"one_{tag}", tmp / f"two_{tag}"
-    run_ok(args + ["--out", str(one)], n_proc=1, devices=8)
-    run_ok(args + ["--out", str(two)])
-    assert_same_run(one, two)
+    two = tmp / ("two_fsdp" if fsdp else "two")
+    run_ok(args + ["--out", str(two)] + (["--fsdp"] if fsdp else []))
+    assert_same_run(one_process_run, two)
     assert json.loads((two / "run_config.json").read_text())["processes"] == 2
     if fsdp:
         return
@@ -152,15 +159,13 @@ def test_train_two_processes_equal_one(train_case, fsdp):
         shutil.rmtree(again / "final")
         shutil.rmtree(again / "checkpoints" / "6")
         run_ok(args + ["--out", str(again), "--resume"], n_proc=1, devices=n_dev)
-        assert_same_run(one, again)
+        assert_same_run(one_process_run, again)
 
 
 @pytest.mark.slow
-def test_killed_process_stops_its_peer_and_both_resume(train_case):
+def test_killed_process_stops_its_peer_and_both_resume(train_case, one_process_run):
     tmp, args = train_case
-    one, run = tmp / "one_dp", tmp / "killed"
-    if not (one / "final").exists():
-        run_ok(args + ["--out", str(one)], n_proc=1, devices=8)
+    run = tmp / "killed"
     t0 = time.monotonic()
     procs = launch(args + ["--out", str(run), "--save-every", "1"],
                    env_for={1: {"LARK_TEST_KILL_AFTER": "3"}})
@@ -169,7 +174,7 @@ def test_killed_process_stops_its_peer_and_both_resume(train_case):
     assert rcs[0] != 0 and time.monotonic() - t0 < 100, "the survivor must not hang"
     assert "stopped sending heartbeats" in errs[0], errs[0][-2000:]
     run_ok(args + ["--out", str(run), "--save-every", "1", "--resume"])
-    assert_same_run(one, run)
+    assert_same_run(one_process_run, run)
 
 
 @pytest.mark.slow
