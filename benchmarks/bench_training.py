@@ -43,8 +43,9 @@ def main(argv=None):
     import numpy as np
 
     import lark_jax
+    from lark_jax.shapes import pow2_length
     from lark_jax.training.data import StepPlan, read_selection, step_microbatches
-    from lark_jax.training.trainer import TrainConfig, Trainer, _row_length
+    from lark_jax.training.trainer import TrainConfig, Trainer
 
     work, student_dir = common.bench_student(args, "lark-train-bench-")
     pool = common.make_pool(work / "train_pool.jsonl", args.n, args.lo, args.hi, seed=1)
@@ -60,7 +61,7 @@ def main(argv=None):
                       micro_batch_tokens=args.micro_batch_tokens)
     examples, _ = read_selection(sel, student.tokenizer, cfg.max_length)
     plan = StepPlan(len(examples), cfg.batch_size, 100, None, 0)
-    row_len = _row_length(examples, cfg.max_length)
+    row_len = pow2_length(max(len(e.tok.ids) for e in examples), 64, cfg.max_length)
     n_data = student.mesh.shape["data"]
     rows = max(n_data, (cfg.micro_batch_tokens // row_len) // n_data * n_data)
     trainer = Trainer(student.model, cfg, plan.total_steps, student.mesh)

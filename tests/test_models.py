@@ -154,12 +154,13 @@ def test_kv_cache_decoding_matches_full_forward(hf_students, case):
     full = np.asarray(m(ids))
     cache = KVCache.empty(m.cfg, 2, 16, m.dtype)
     cache = cache._replace(valid=cache.valid.at[:, :8].set(True))
-    h, cache = m.hidden_states(ids[:, :8], cache=cache, cache_index=0)
+    pos0 = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+    h, cache = m.decode(ids[:, :8], pos0, cache, 0)
     steps = [np.asarray(m.logits(h))]
     for i in range(8, 12):
         cache = cache._replace(valid=cache.valid.at[:, i].set(True))
         pos = jnp.full((2, 1), i, jnp.int32)
-        h, cache = m.hidden_states(ids[:, i:i + 1], pos, cache=cache, cache_index=i)
+        h, cache = m.decode(ids[:, i:i + 1], pos, cache, i)
         steps.append(np.asarray(m.logits(h)))
     assert np.abs(np.concatenate(steps, axis=1) - full).max() < 1e-4
 

@@ -380,6 +380,12 @@ def test_lora_trains_factors_only_and_merges_at_export(hf_students, selection, t
     np.testing.assert_array_equal(np.asarray(merged.embed[...]),
                                   np.asarray(student.model.embed[...]))  # not a target
     assert np.abs(want - w0).max() > 1e-4
+    # The side path the step trains through (x·W + s·(x·A)·B) equals the merged weights'
+    # forward pass: the trained (non-zero) factors give the same loss either way.
+    batch = next(step_microbatches(examples, idx, 1024, 16))
+    via_merge = Trainer(student.model, cfg, 9, mesh, lora_path="merge")
+    via_merge.params = tr.params
+    np.testing.assert_allclose(via_merge.loss_of(batch), tr.loss_of(batch), rtol=1e-6)
     # End to end through the CLI's library call: the exported directory has the merged weights.
     train(d, selection, tmp_path / "run", TrainConfig(epochs=1, lr=5e-3, batch_size=4,
                                                        lora_rank=2), mesh=mesh)

@@ -52,6 +52,7 @@ from lark_jax import fsio
 from lark_jax.demo.student import StudentRecipe, build_student, cache_root
 from lark_jax.demo.task import TEACHERS, TaskConfig, build_task
 from lark_jax.errors import LarkError
+from lark_jax.shapes import pow2_length
 
 METHODS = ("lark", "random", "all", "min-loss", "max-loss", "rsr", "shortest", "longest")
 MARKER = "demo.json"  # identifies a directory written by run_demo (safe to overwrite)
@@ -303,7 +304,7 @@ def heldout_metrics(student, held: HeldOut, batch: int = 32) -> dict:
     per_record = []
     for s in range(0, len(held.ids), batch):
         chunk = held.ids[s:s + batch]
-        length = max(64, 1 << (max(len(x) for x in chunk) - 1).bit_length())
+        length = pow2_length(max(len(x) for x in chunk))
         arr = np.full((batch, length), pad, np.int32)
         for i, x in enumerate(chunk):
             arr[i, :len(x)] = x

@@ -24,8 +24,8 @@ from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from lark_jax.models.decoder import pow2_chunk
 from lark_jax.numerics import blocks, vocab_blocks
+from lark_jax.shapes import pow2_divisor
 
 RANK_CLIP = 100
 STATS = ("ce", "brier_topk", "brier_full", "rank", "tokens")
@@ -103,7 +103,7 @@ def _head_stats_local(hidden, targets, weights, segments, w_head, *, top_k, max_
     """
     b, length, d = hidden.shape
     n = b * length
-    c = pow2_chunk(n, chunk_tokens)
+    c = pow2_divisor(n, chunk_tokens)
     w = weights.reshape(n)
     order = jnp.argsort(w <= 0, stable=True)
     count = (w > 0).sum()

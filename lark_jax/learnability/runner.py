@@ -37,6 +37,7 @@ from lark_jax.learnability.kernel import STATS, score_batch
 from lark_jax.learnability.scores import build_scores
 from lark_jax.parallel import data_sharding
 from lark_jax.runs import check_resume
+from lark_jax.shapes import octave_bucket, padded_rows
 
 SIDECAR_VERSION = 1
 
@@ -80,16 +81,6 @@ class ScoreConfig:
         if self.compat == "reference":
             return t.end - t.start <= 1 or t.n_targets == 0
         return t.n_targets == 0
-
-
-def _bucket(n: int, row_length: int = 16) -> int:
-    """n rounded up to 8 buckets per octave (≤ 12.5 % padding), at least ``row_length``.
-
-    Powers of two would waste up to half of every long row; eight steps per
-    octave keep the number of compiled shapes small (≈ 8 per doubling of length).
-    """
-    step = max(16, 1 << max(0, n.bit_length() - 4))
-    return max(row_length, -(-n // step) * step)
 
 
 class Sidecar:
@@ -169,26 +160,18 @@ def _batches(items: list[Tokenized], cfg: ScoreConfig, n_data: int):
         # A partial batch (the end of a window) shrinks to the next power of two in rows
         # and in row length: a few more compiled shapes instead of computing empty rows.
         fill = max(sum(len(items[i].ids) for i in row) for row in chunk)
-        length = min(cfg.row_length, _bucket(fill))
-        n_rows = min(rows_per_batch, _round_up(_pow2(len(chunk)), n_data))
+        length = min(cfg.row_length, octave_bucket(fill))
+        n_rows = padded_rows(len(chunk), n_data, rows_per_batch)
         yield build_batch(items, chunk, n_rows, length)
     by_len: dict[int, list[int]] = {}
     for i in long_:
-        by_len.setdefault(_bucket(len(items[i].ids)), []).append(i)
+        by_len.setdefault(octave_bucket(len(items[i].ids)), []).append(i)
     for length, idx in sorted(by_len.items()):
         per = max(n_data, (cfg.batch_tokens // length) // n_data * n_data)
         for s in range(0, len(idx), per):
             part = idx[s:s + per]
-            n_rows = min(per, _round_up(_pow2(len(part)), n_data))
+            n_rows = padded_rows(len(part), n_data, per)
             yield build_batch(items, [[i] for i in part], n_rows, length)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = ScoreConfig(),

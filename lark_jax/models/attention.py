@@ -21,6 +21,8 @@ Three implementations with identical results up to float rounding:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -175,6 +177,36 @@ def flash_attention(q, k, v, seg, *, mesh=None):
         run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, P(rows, None)),
                             out_specs=spec, check_vma=False)
     return run(q, k, v, seg)[:, :t, :, :d]
+
+
+class AttentionMask(NamedTuple):
+    """Who may attend to whom: query i of row b sees key j when
+    ``kv_valid[b, j]``, ``kv_idx[b, j] <= q_idx[b, i]`` and ``kv_seg[b, j] == q_seg[b, i]``.
+    """
+
+    q_idx: jax.Array  # int [B, T] each query's position in the key sequence
+    kv_idx: jax.Array  # int [B, S]
+    q_seg: jax.Array  # int [B, T] segment (packed record) of each query
+    kv_seg: jax.Array  # int [B, S]
+    kv_valid: jax.Array  # bool [B, S] keys that exist (cache slots written)
+
+    @classmethod
+    def packed(cls, segment_ids) -> AttentionMask:
+        """Rows of packed records attending to themselves: causal within each segment."""
+        b, t = segment_ids.shape
+        idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        return cls(idx, idx, segment_ids, segment_ids, jnp.ones((b, t), bool))
+
+    @classmethod
+    def cached(cls, cache_index, t: int, valid) -> AttentionMask:
+        """T new queries per row at slots cache_index.. (scalar, or [B] per row) of a cache
+        whose written slots are ``valid`` [B, S]."""
+        b, s_len = valid.shape
+        start = cache_index[:, None] if cache_index.ndim else cache_index
+        q_idx = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        kv_idx = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (b, s_len))
+        return cls(q_idx, kv_idx, jnp.zeros((b, t), jnp.int32),
+                   jnp.zeros((b, s_len), jnp.int32), valid)
 
 
 def attention(q, k, v, q_idx, kv_idx, q_seg, kv_seg, kv_valid, *, impl="auto",

@@ -26,9 +26,10 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from lark_jax.models.attention import attention
+from lark_jax.models.attention import AttentionMask, attention
 from lark_jax.models.config import ModelConfig, rope_inv_freq
 from lark_jax.models.params import ParamSpec, param_specs
+from lark_jax.shapes import pow2_divisor
 
 
 def rms_norm(x, w, eps):
@@ -126,71 +127,83 @@ class Decoder(nnx.Module):
         return jnp.einsum("...d,vd->...v", hidden, self.head_weight())
 
     def __call__(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
+        """Logits [B, T, V] of int ids [B, T] (see :meth:`hidden_states`)."""
         return self.logits(self.hidden_states(input_ids, positions, segment_ids))
 
     def hidden_states(self, input_ids, positions=None, segment_ids=None, *,
-                      cache: KVCache | None = None, cache_index=None):
-        """Final-norm hidden states [B, T, D].
+                      lora: tuple[dict, float] | None = None) -> jax.Array:
+        """Final-norm hidden states [B, T, D] of a batch of (packed) rows.
 
         Args:
           input_ids: int [B, T].
           positions: int [B, T] RoPE positions; default 0..T-1 (per row).
           segment_ids: int [B, T]; tokens attend only within their segment (packing).
-          cache: a KVCache; the T new keys/values are written at slots
-            ``cache_index .. cache_index+T-1`` and attention covers every valid slot
-            at or before each query's slot. Returns ``(hidden, new_cache)`` then.
-          cache_index: int scalar, the slot of input_ids[:, 0] in the cache; or int [B],
-            a slot per row (rows at different lengths: continuous batching).
+          lora: ({projection: {"a": [L, r, in], "b": [L, out, r]}}, scale): low-rank
+            side paths, y = x·Wᵀ + scale·(x·Aᵀ)·Bᵀ, so W + scale·B·A is never formed.
         """
-        cfg = self.cfg
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.zeros((b, t), jnp.int32)
-        x = jnp.take(self.embed[...], input_ids, axis=0)
-        cos, sin = rope_cos_sin(cfg, positions, self.dtype)
-        layer_params = nnx.to_pure_dict(nnx.state(self.layers))
+        x, _ = self._layers(input_ids, positions, AttentionMask.packed(segment_ids), lora=lora)
+        return x
 
-        if cache is None:
-            q_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            ctx = dict(q_idx=q_idx, kv_idx=q_idx, q_seg=segment_ids, kv_seg=segment_ids,
-                       kv_valid=jnp.ones((b, t), bool))
+    def decode(self, input_ids, positions, cache: KVCache, cache_index
+               ) -> tuple[jax.Array, KVCache]:
+        """Hidden states [B, T, D] of T new tokens per row, and the cache holding them.
 
-            def body(x, p):
-                x, _ = self._layer(x, p, cos, sin, ctx, None, None)
-                return x, None
+        The T new keys/values are written at slots ``cache_index .. cache_index+T-1``
+        and each query attends to every valid slot at or before its own.
 
-            if self.remat:
-                body = jax.checkpoint(body)
-            x, _ = lax.scan(body, x, layer_params)
-            return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-
-        s_len = cache.k.shape[2]
+        Args:
+          input_ids, positions: int [B, T].
+          cache: a KVCache ([L, B, S, Hkv, Dh] keys and values, [B, S] valid slots).
+          cache_index: int scalar, the slot of input_ids[:, 0]; or int [B], a slot per
+            row (rows at different lengths: continuous batching).
+        """
+        b, t = input_ids.shape
         cache_index = jnp.asarray(cache_index, jnp.int32)
-        # A scalar index: every row writes at the same slots; a vector [B]: row b writes
-        # at its own slots cache_index[b] .. + T - 1 (continuous batching).
-        start = cache_index[:, None] if cache_index.ndim else cache_index
-        q_idx = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        kv_idx = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (b, s_len))
-        zeros = jnp.zeros((b, s_len), jnp.int32)
-        ctx = dict(q_idx=q_idx, kv_idx=kv_idx, q_seg=jnp.zeros((b, t), jnp.int32), kv_seg=zeros,
-                   kv_valid=cache.valid)
+        mask = AttentionMask.cached(cache_index, t, cache.valid)
+        return self._layers(input_ids, positions, mask, cache, cache_index)
 
-        def body_c(x, xs):
+    def _layers(self, input_ids, positions, mask: AttentionMask, cache: KVCache | None = None,
+                cache_index=None, lora: tuple[dict, float] | None = None
+                ) -> tuple[jax.Array, KVCache | None]:
+        """Embed, run the layer stack (one scan, one body, cached or not), final norm."""
+        x = jnp.take(self.embed[...], input_ids, axis=0)  # [B, T, D]
+        cos, sin = rope_cos_sin(self.cfg, positions, self.dtype)
+        layer_params = nnx.to_pure_dict(nnx.state(self.layers))
+        scale = 0.0
+        if lora is not None:  # scanned over L beside the weights: "q_proj@a" [L, r, in], ...
+            factors, scale = lora
+            for name, f in factors.items():
+                layer_params[name + "@a"], layer_params[name + "@b"] = f["a"], f["b"]
+        kv = (None, None) if cache is None else (cache.k, cache.v)  # scanned over L with p
+
+        def body(x, xs):
             p, ck, cv = xs
-            return self._layer(x, p, cos, sin, ctx, (ck, cv), cache_index)
+            return self._layer(x, p, cos, sin, mask, None if ck is None else (ck, cv),
+                               cache_index, scale)
 
-        x, (new_k, new_v) = lax.scan(body_c, x, (layer_params, cache.k, cache.v))
-        hidden = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        return hidden, KVCache(new_k, new_v, cache.valid)
+        if self.remat and cache is None:
+            body = jax.checkpoint(body)
+        x, new_kv = lax.scan(body, x, (layer_params, *kv))
+        hidden = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+        return hidden, None if cache is None else KVCache(*new_kv, cache.valid)
 
-    def _layer(self, x, p, cos, sin, ctx, cache_kv, cache_index):
+    def _layer(self, x, p, cos, sin, mask: AttentionMask, cache_kv, cache_index,
+               lora_scale: float = 0.0):
+        """One decoder layer on x [B, T, D] with this layer's weights p; with cache_kv
+        ([B, S, Hkv, Dh] keys, values) the new keys/values are written into it first."""
         cfg = self.cfg
         b, t, _ = x.shape
 
-        def proj(h, w, bias):
+        def proj(h, w, bias):  # h [B, T, in] -> [B, T, out]
             y = jnp.einsum("btd,fd->btf", h, p[w])
+            if w + "@a" in p:  # LoRA side path: two skinny matmuls through rank r
+                y = y + lora_scale * jnp.einsum(
+                    "btr,fr->btf", jnp.einsum("btd,rd->btr", h, p[w + "@a"]), p[w + "@b"])
             return y + p[bias] if bias in p else y
 
         h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
@@ -216,7 +229,7 @@ class Decoder(nnx.Module):
         impl = self.attn_impl
         if cache_kv is not None and impl == "flash":
             impl = "auto"  # the fused kernel has no KV-cache mode
-        o = attention(q, k, v, impl=impl, mesh=self.mesh, **ctx)
+        o = attention(q, k, v, *mask, impl=impl, mesh=self.mesh)  # [B, T, H, Dh]
         x = x + proj(o.reshape(b, t, cfg.q_dim), "o_proj", "o_bias")
         h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
 
@@ -239,17 +252,9 @@ class Decoder(nnx.Module):
 MLP_CHUNK_TOKENS = 4096
 
 
-def pow2_chunk(n: int, cap: int) -> int:
-    """The largest power of two that divides n and is at most max(cap, 1)."""
-    c = 1 << (max(cap, 1).bit_length() - 1)
-    while n % c:
-        c //= 2
-    return c
-
-
 def _mlp_chunk(b: int, t: int) -> int:
     """Largest power-of-two chunk dividing t with b * chunk <= MLP_CHUNK_TOKENS (t if small)."""
-    return t if b * t <= MLP_CHUNK_TOKENS else pow2_chunk(t, MLP_CHUNK_TOKENS // b)
+    return t if b * t <= MLP_CHUNK_TOKENS else pow2_divisor(t, MLP_CHUNK_TOKENS // b)
 
 
 def param_count(model: Decoder) -> int:

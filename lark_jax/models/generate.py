@@ -33,6 +33,7 @@ from lark_jax.errors import LarkError
 from lark_jax.models.decoder import KVCache
 from lark_jax.models.sampling import choose
 from lark_jax.parallel import data_sharding, replicated
+from lark_jax.shapes import pow2_at_least, round_up
 
 PROMPT_BUCKET = 64  # prompts are padded to a multiple of this: a few compiled shapes
 CHUNK = 16  # decoding steps per jitted call (the host checks stops in between)
@@ -66,7 +67,7 @@ def _admit(graphdef, params, state, slots, ids, lengths, row_keys, limits, base,
     valid = jnp.arange(cap)[None] < lengths[:, None]
     small = KVCache.empty(model.cfg, n, cap, model.dtype)._replace(valid=valid)
     positions = jnp.broadcast_to(jnp.arange(p_len, dtype=jnp.int32), (n, p_len))
-    hidden, small = model.hidden_states(ids, positions, cache=small, cache_index=0)
+    hidden, small = model.decode(ids, positions, small, 0)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     v = model.cfg.vocab_size
     seen = jnp.zeros((n, v), bool)
@@ -117,8 +118,7 @@ def _decode(graphdef, params, state, live, base, temperature, top_p, penalty, eo
         cache = st["cache"]
         pos = st["pos"]
         cache = cache._replace(valid=cache.valid.at[rows, pos].max(live, mode="drop"))
-        hidden, cache = model.hidden_states(tok[:, None], pos[:, None], cache=cache,
-                                            cache_index=pos)
+        hidden, cache = model.decode(tok[:, None], pos[:, None], cache, pos)
         seen = st["seen"]
         if use_penalty:
             seen = seen.at[rows, tok].max(live)
@@ -133,10 +133,6 @@ def _decode(graphdef, params, state, live, base, temperature, top_p, penalty, eo
     state, live, out, emitted = jax.lax.fori_loop(0, chunk, body,
                                                   (state, live, out, emitted))
     return state, out, emitted, live
-
-
-def _bucket(n: int, size: int = PROMPT_BUCKET) -> int:
-    return -(-n // size) * size
 
 
 class _Engine:
@@ -213,7 +209,7 @@ def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int | Seq
     mesh = student.mesh
     n_data = mesh.shape["data"]
     slots = max(n_data, (min(batch_size, -(-n // n_data) * n_data) // n_data) * n_data)
-    cap = _bucket(max(len(p) for p in prompt_ids)) + max(limits)
+    cap = round_up(max(len(p) for p in prompt_ids), PROMPT_BUCKET) + max(limits)
     use_penalty = repetition_penalty != 1.0
     greedy = temperature == 0
     eng = _Engine(student, slots, cap, use_penalty)
@@ -246,8 +242,8 @@ def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int | Seq
         free = [s for s in range(slots) if owner[s] is None]
         if free and waiting:
             take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
-            m = 1 << (len(take) - 1).bit_length()  # power-of-two admissions: few shapes
-            p_len = _bucket(max(len(prompt_ids[i]) for i in take))
+            m = pow2_at_least(len(take))  # power-of-two admissions: few shapes
+            p_len = round_up(max(len(prompt_ids[i]) for i in take), PROMPT_BUCKET)
             ids = np.full((m, p_len), pad_id, np.int32)
             lengths = np.ones(m, np.int32)
             where = np.full(m, slots, np.int32)  # out of range: dropped

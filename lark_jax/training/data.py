@@ -22,6 +22,7 @@ from lark_jax.data.chat import Tokenized, tokenize_record
 from lark_jax.data.packing import best_fit_rows, build_batch
 from lark_jax.data.pool import ROLES, iter_jsonl
 from lark_jax.errors import LarkError
+from lark_jax.shapes import padded_rows
 from lark_jax.training.objective import OBJECTIVES, step_normaliser, token_coefficient
 
 
@@ -177,8 +178,7 @@ def step_microbatches(examples: list[Example], idx: np.ndarray, row_len: int, ro
         chunk = packed[process][s:s + rows_p]
         n_rows = rows_p
         if multiple:
-            units = -(-max(len(p[s:s + rows_p]) for p in packed) // multiple)
-            n_rows = min(rows_p, multiple * (1 << (units - 1).bit_length()))
+            n_rows = padded_rows(max(len(p[s:s + rows_p]) for p in packed), multiple, rows_p)
         b = build_batch(toks, chunk, n_rows, row_len)
         w = b.weights.copy()
         for r, seg, i in b.slots:  # broadcast the record's coefficient over its scored tokens

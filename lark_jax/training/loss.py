@@ -15,15 +15,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lark_jax.models.decoder import pow2_chunk
 from lark_jax.numerics import logsumexp
+from lark_jax.shapes import pow2_divisor
 
 
-def weighted_ce_sums(model, ids, positions, segments, targets, weights, chunk_tokens=1024):
-    """Returns (Σ w·CE, Σ w) as float32 scalars for one packed batch."""
-    hidden = model.hidden_states(ids, positions, segments)
+def weighted_ce_sums(model, ids, positions, segments, targets, weights, chunk_tokens=1024,
+                     lora=None):
+    """Returns (Σ w·CE, Σ w) as float32 scalars for one packed batch (``lora``: see
+    ``Decoder.hidden_states``)."""
+    hidden = model.hidden_states(ids, positions, segments, lora=lora)
     b, length, _ = hidden.shape
-    c = pow2_chunk(length, chunk_tokens // b)
+    c = pow2_divisor(length, chunk_tokens // b)
     n = length // c
     w_head = model.head_weight()
 

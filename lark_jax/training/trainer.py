@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -44,6 +45,7 @@ from lark_jax.models.io import load_student, resolve_dtype, save_student
 from lark_jax.models.params import param_shardings, spec_by_attr
 from lark_jax.parallel import data_sharding, logical_sharding, make_mesh, replicated
 from lark_jax.runs import check_resume
+from lark_jax.shapes import pow2_length
 from lark_jax.training.data import (
     SYSTEM_TURNS,
     StepPlan,
@@ -199,7 +201,10 @@ class Trainer:
     """Holds the compiled step functions of one run; see ``train`` for the loop."""
 
     def __init__(self, model: Decoder, cfg: TrainConfig, total_steps: int, mesh,
-                 remat: bool | None = None):
+                 remat: bool | None = None, lora_path: str = "side"):
+        """``lora_path``: "side" computes each LoRA projection as x·W + scale·(x·A)·B;
+        "merge" forms W + scale·B·A on every micro-batch (the old way, kept for the
+        benchmark's comparison)."""
         self.cfg = cfg
         remat = bool(cfg.remat) if remat is None else remat
         self.mesh = mesh
@@ -230,10 +235,13 @@ class Trainer:
         gdc, chunk = self.graphdef_c, cfg.chunk_tokens
 
         full = self.full
+        cast = functools.partial(jax.tree.map, lambda x: x.astype(compute))
 
         def loss_sums(p, batch):
-            p = jax.tree.map(lambda x: x.astype(compute), full(p))
-            return weighted_ce_sums(nnx.merge(gdc, p), chunk_tokens=chunk, **batch)
+            if cfg.lora_rank and lora_path == "side":  # x·W + scale·(x·A)·B, never W + BA
+                return weighted_ce_sums(nnx.merge(gdc, cast(self.base)), chunk_tokens=chunk,
+                                        lora=(cast(p), scale), **batch)
+            return weighted_ce_sums(nnx.merge(gdc, cast(full(p))), chunk_tokens=chunk, **batch)
 
         def first(p, batch):  # no zero accumulator: one parameter-sized buffer less
             (s, w), g = jax.value_and_grad(lambda q: loss_sums(q, batch), has_aux=True)(p)
@@ -340,11 +348,6 @@ def run_steps(trainer: Trainer, items, on_done: Callable[..., None], *, lag: boo
         on_done(pending[0], float(pending[1]), float(pending[2]), pending[3])
 
 
-def _row_length(examples, max_length: int) -> int:
-    longest = max(len(e.tok.ids) for e in examples)
-    return min(max(64, 1 << (longest - 1).bit_length()), max(64, max_length))
-
-
 # Settings a resumed run may change: they do not alter what is computed (remat and the
 # cross-entropy chunk change how, not what).
 RESUME_MAY_CHANGE = {"save_every", "keep", "remat", "chunk_tokens", "prefetch"}
@@ -421,7 +424,7 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
                                          cfg.system_turn)
     plan = StepPlan(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.seed)
     total = plan.total_steps
-    row_len = _row_length(examples, cfg.max_length)
+    row_len = pow2_length(max(len(e.tok.ids) for e in examples), 64, cfg.max_length)
     n_data = mesh.shape["data"]
     rows = max(n_data, (cfg.micro_batch_tokens // row_len) // n_data * n_data)
     remat = resolve_remat(cfg, student.config, rows * row_len)
