@@ -34,6 +34,10 @@ def main(argv=None):
     ap.add_argument("--micro-batch-tokens", type=int, default=16384)
     ap.add_argument("--attention", default="auto",
                     choices=["auto", "dense", "blockwise", "flash"])
+    ap.add_argument("--lora-rank", type=int, default=0, help="train LoRA factors of rank R")
+    ap.add_argument("--compare-lora", action="store_true",
+                    help="with --lora-rank: also time the old LoRA step, which forms "
+                         "W + scale*B*A for every projection on every micro-batch (same run)")
     ap.add_argument("--compare-sync", action="store_true",
                     help="also time the loop as it was: pack each step inline and wait for "
                          "its loss before the next (same steps, same run)")
@@ -58,7 +62,7 @@ def main(argv=None):
                                     attn_impl=args.attention)
     cfg = TrainConfig(lr=1e-5, batch_size=args.batch_size, dtype=args.dtype, remat=args.remat,
                       attention=args.attention,
-                      micro_batch_tokens=args.micro_batch_tokens)
+                      micro_batch_tokens=args.micro_batch_tokens, lora_rank=args.lora_rank)
     examples, _ = read_selection(sel, student.tokenizer, cfg.max_length)
     plan = StepPlan(len(examples), cfg.batch_size, 100, None, 0)
     row_len = pow2_length(max(len(e.tok.ids) for e in examples), 64, cfg.max_length)
@@ -97,6 +101,18 @@ def main(argv=None):
     t1 = time.perf_counter()
     tokens = steps()  # the same steps again, timed: no compilation inside
     dt = time.perf_counter() - t1
+    lora = None
+    if args.compare_lora and args.lora_rank:
+        side = trainer
+        trainer = Trainer(student.model, cfg, plan.total_steps, student.mesh, lora_path="merge")
+        steps()  # compile
+        t2 = time.perf_counter()
+        merge_tokens = steps()
+        lora = {"merge_tok_s": merge_tokens / (time.perf_counter() - t2)}
+        trainer = side
+        t3 = time.perf_counter()
+        again = steps()
+        lora["side_again_tok_s"] = again / (time.perf_counter() - t3)
     sync = None
     if args.compare_sync:
         t2 = time.perf_counter()
@@ -111,10 +127,15 @@ def main(argv=None):
            "rows_per_microbatch": rows, "first_step_seconds_incl_compile": first,
            "tokens": tokens, "tok_s": tokens / dt, "flops_per_token": fpt,
            "matmul_flops_per_s": rate, "mfu": fpt * tokens / dt / rate,
-           "devices": len(jax.devices()), "sync_loop": sync}
+           "devices": len(jax.devices()), "sync_loop": sync, "lora_merge": lora}
     path = common.save_results(f"training_{jax.devices()[0].platform}{args.tag}", res)
     print(f"SFT: {res['tok_s']:,.0f} tok/s, MFU {res['mfu']:.1%} (first step incl. compile "
           f"{first:.1f}s; {np.round(rate / 1e9, 1)} GFLOP/s ceiling) -> {path}")
+    if lora:
+        print(f"LoRA rank {args.lora_rank}: side path {res['tok_s']:,.0f} tok/s (again "
+              f"{lora['side_again_tok_s']:,.0f}), merged W + BA each micro-batch "
+              f"{lora['merge_tok_s']:,.0f} tok/s; side/merge "
+              f"{res['tok_s'] / lora['merge_tok_s']:.2f}x")
     if sync:
         print(f"loop as before (inline packing, every step waited for): {sync['tok_s']:,.0f} "
               f"tok/s; async again {sync['async_again_tok_s']:,.0f}; async/sync "

@@ -511,3 +511,75 @@ def test_scores_list_candidates_in_pool_order_with_their_line(hf_students, tmp_p
         for c in cands:
             rec = json.loads(lines[::-1][c["pool_line"] - 1])
             assert (rec["problem_id"], rec["candidate_id"]) == (int(pid), c["candidate_id"])
+
+
+# -- the stages of score_pool, one at a time ----------------------------------------------
+
+
+def test_stage_read_share_partitions_the_pool(tmp_path):
+    from lark_jax.learnability.runner import read_share
+
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=5)
+    every = [r.key for r in iter_pool(pool)]
+    never = threading.Event()
+    shares = [[r.key for r in read_share(pool, q, 3, set(), never)] for q in range(3)]
+    assert sorted(itertools.chain(*shares)) == sorted(every)
+    assert shares[1] == every[1::3]
+    done = set(every[:4])
+    assert [r.key for r in read_share(pool, 0, 1, done, never)] == every[4:]
+    stopped = threading.Event()
+    stopped.set()
+    assert list(read_share(pool, 0, 1, set(), stopped)) == []
+
+
+def test_stage_tokenize_and_pack_places_every_record_once(tmp_path):
+    from lark_jax.learnability.runner import tokenize_and_pack
+    from lark_jax.models.tiny import byte_tokenizer
+
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=8)
+    recs = list(iter_pool(pool))
+    # Tiny windows and rows: several windows, several batches, long rows of their own.
+    cfg = ScoreConfig(window_tokens=600, row_length=128, batch_tokens=512, max_length=400)
+    seen = []
+    for kind, kept, batch in tokenize_and_pack(recs, byte_tokenizer(), pool, cfg, n_data=2):
+        if kind == "skip":
+            seen += [r.key for r in kept]
+            continue
+        assert batch.ids.shape[0] % 2 == 0  # whole rows for each data-parallel device
+        seen += [kept[i].key for _, _, i in batch.slots]
+    assert sorted(seen) == sorted(r.key for r in recs)
+
+
+def test_stage_device_loop_keeps_one_batch_in_flight():
+    from lark_jax.learnability.runner import DeviceLoop
+
+    events = []
+    loop = DeviceLoop(run=lambda b: events.append(("dispatch", b)) or (b, None),
+                      on_done=lambda b, recs, sums, grads: events.append(("done", b)))
+    for b in range(3):
+        loop.submit(b, [])
+    loop.flush()
+    loop.flush()  # nothing left in flight: a no-op
+    assert events == [("dispatch", 0), ("dispatch", 1), ("done", 0), ("dispatch", 2),
+                      ("done", 1), ("done", 2)]
+
+
+def test_stage_batch_rows_and_writer(tmp_path):
+    from lark_jax.data.packing import PackedBatch
+    from lark_jax.data.pool import Record
+    from lark_jax.learnability.kernel import STATS
+    from lark_jax.learnability.runner import Sidecar, SidecarWriter
+
+    recs = [Record(7, c, "t", (), line=10 + c) for c in range(2)]
+    z = np.zeros((2, 8), np.int32)
+    batch = PackedBatch(z, z, z, z, z.astype(np.float32), [(0, 0, 1), (1, 0, 0)])
+    sums = np.zeros((2, 1, len(STATS)))
+    sums[..., STATS.index("tokens")] = [[5.0], [3.0]]
+    calls = []
+    sidecar = Sidecar(tmp_path / "s.jsonl", {"h": 1}, resume=False)
+    writer = SidecarWriter(sidecar, lambda n, tokens: calls.append((n, tokens)))
+    writer.finished(batch, recs, sums, np.array([2.0, 4.0]))
+    sidecar.close()
+    assert [(r["candidate_id"], r["pool_line"], r["tokens"], r["grad_sq"])
+            for r in sidecar.rows] == [(1, 11, 5, 2.0), (0, 10, 3, 4.0)]
+    assert calls == [(2, 8)] and (writer.tokens, writer.padded) == (8, 16)

@@ -19,7 +19,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import jax
@@ -174,6 +174,115 @@ def _batches(items: list[Tokenized], cfg: ScoreConfig, n_data: int):
             yield build_batch(items, [[i] for i in part], n_rows, length)
 
 
+# -- the stages of score_pool ---------------------------------------------------------
+# read/validate -> tokenize/pack -> device loop (one batch in flight) -> sidecar writer
+# -> multi-host merge. The first two run in a host thread ahead of the device.
+
+
+def read_share(pool: Path, proc: int, n_proc: int, done: set, stop: threading.Event
+               ) -> Iterator[Record]:
+    """Stage 1: the validated records of ``pool`` this process scores (index ≡ proc mod
+    n_proc) that are not ``done``; stops early once ``stop`` is set."""
+    for index, rec in enumerate(iter_pool(pool)):
+        if stop.is_set():
+            return
+        if index % n_proc == proc and rec.key not in done:
+            yield rec
+
+
+def tokenize_and_pack(records: Iterable[Record], tokenizer, pool: Path, cfg: ScoreConfig,
+                      n_data: int) -> Iterator[tuple[str, list[Record], PackedBatch | None]]:
+    """Stage 2: tokenize records, and pack each window of ``cfg.window_tokens`` tokens.
+
+    Yields ("skip", records, None) for records ``cfg`` skips (no scored span) and
+    ("batch", kept records, PackedBatch) whose slots index the kept records.
+    """
+    def window(recs: list[Record], items: list[Tokenized]):
+        skipped = [r for r, t in zip(recs, items, strict=True) if cfg.skips(t)]
+        if skipped:
+            yield "skip", skipped, None
+        keep = [(r, t) for r, t in zip(recs, items, strict=True) if not cfg.skips(t)]
+        kept, toks = [r for r, _ in keep], [t for _, t in keep]
+        for batch in _batches(toks, cfg, n_data):
+            yield "batch", kept, batch
+
+    recs: list[Record] = []
+    items: list[Tokenized] = []
+    n_tokens = 0
+    for rec in records:
+        t = tokenize_record(tokenizer, rec.messages, cfg.max_length, where=f"{pool}:{rec.line}")
+        recs.append(rec)
+        items.append(t)
+        n_tokens += len(t.ids)
+        if n_tokens >= cfg.window_tokens:
+            yield from window(recs, items)
+            recs, items, n_tokens = [], [], 0
+    if recs:
+        yield from window(recs, items)
+
+
+def batch_rows(batch: PackedBatch, recs: list[Record], sums, grads) -> list[dict]:
+    """Stage 4's rows: one sidecar row per trajectory of a finished batch."""
+    sums = np.asarray(sums, np.float64)
+    grads = None if grads is None else np.asarray(grads, np.float64)
+    rows = []
+    for r, s, i in batch.slots:
+        rec = recs[i]
+        row = {"problem_id": rec.problem_id, "candidate_id": rec.candidate_id,
+               "teacher": rec.teacher, "pool_line": rec.line}
+        row.update({k: float(x) for k, x in zip(STATS, sums[r, s], strict=True)})
+        row["tokens"] = int(round(row["tokens"]))
+        if grads is not None:
+            row["grad_sq"] = float(grads[r])
+        rows.append(row)
+    return rows
+
+
+class DeviceLoop:
+    """Stage 3: dispatch batches with one in flight.
+
+    ``submit`` dispatches a batch (JAX runs it asynchronously) and only then hands
+    the previous one's results to ``on_done``, which waits for them; so the device
+    waits on the host only for what the main thread does per batch (dispatch, a new
+    shape's compilation, the writer). ``flush`` finishes the batch in flight.
+    """
+
+    def __init__(self, run: Callable, on_done: Callable):
+        self.run, self.on_done = run, on_done
+        self.pending = None
+
+    def submit(self, batch: PackedBatch, recs: list[Record]) -> None:
+        result = self.run(batch)
+        self.flush()
+        self.pending = (batch, recs, *result)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            done, self.pending = self.pending, None
+            self.on_done(*done)
+
+
+class SidecarWriter:
+    """Stage 4: append each finished batch's rows to the sidecar; count and report."""
+
+    def __init__(self, sidecar: Sidecar, progress: Callable[..., None] | None):
+        self.sidecar, self.progress = sidecar, progress
+        self.tokens = self.padded = 0
+
+    def skipped(self, recs: list[Record]) -> None:
+        self.sidecar.append([{"skipped": True, "problem_id": r.problem_id,
+                              "candidate_id": r.candidate_id} for r in recs])
+
+    def finished(self, batch: PackedBatch, recs: list[Record], sums, grads) -> None:
+        rows = batch_rows(batch, recs, sums, grads)
+        self.sidecar.append(rows)
+        n_tok = sum(r["tokens"] for r in rows)
+        self.tokens += n_tok
+        self.padded += batch.ids.size
+        if self.progress is not None:
+            self.progress(len(rows), tokens=n_tok)
+
+
 def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = ScoreConfig(),
                *, resume: bool = False, progress: Callable[..., None] | None = None,
                student_name: str | None = None) -> ScoreSummary:
@@ -207,130 +316,78 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
                             "load_student(..., mesh=make_mesh(devices=jax.local_devices()))")
     sidecar = Sidecar(_sidecar_path(out, proc, n_proc), header, resume)
     n_resumed = len(sidecar.rows) + len(sidecar.skipped)
-    done = sidecar.done_keys()
     graphdef, state = nnx.split(student.model)
     mesh = student.mesh
-    n_data = mesh.shape["data"]
     top_k = min(cfg.top_k, student.config.vocab_size)  # a tiny vocabulary may have fewer than K
-    tokens = padded = 0
     # The reference rounds logits to its forward dtype; exact mode keeps float32 logits.
     round_logits = ("bfloat16" if cfg.compat == "reference"
                     and student.model.dtype == np.dtype("bfloat16") else None)
 
-    def window_work(records: list[Record], items: list[Tokenized]):
-        skipped = [r for r, t in zip(records, items, strict=True) if cfg.skips(t)]
-        if skipped:
-            yield "skip", skipped, None
-        keep = [(r, t) for r, t in zip(records, items, strict=True) if not cfg.skips(t)]
-        recs, toks = [r for r, _ in keep], [t for _, t in keep]
-        for batch in _batches(toks, cfg, n_data):
-            yield "batch", recs, batch
-
-    def host_work():
-        """Pool order: read, tokenize, pack (the part a host thread runs ahead)."""
-        records: list[Record] = []
-        items: list[Tokenized] = []
-        window = 0
-        for index, rec in enumerate(iter_pool(pool)):
-            if stop.is_set():
-                return
-            if index % n_proc != proc or rec.key in done:
-                continue
-            t = tokenize_record(student.tokenizer, rec.messages, cfg.max_length,
-                                where=f"{pool}:{rec.line}")
-            records.append(rec)
-            items.append(t)
-            window += len(t.ids)
-            if window >= cfg.window_tokens:
-                yield from window_work(records, items)
-                records, items, window = [], [], 0
-        if records:
-            yield from window_work(records, items)
-
-    def finish(batch: PackedBatch, recs: list[Record], sums, grads) -> None:
-        """Wait for a dispatched batch; append its rows to the sidecar."""
-        nonlocal tokens, padded
-        sums = np.asarray(sums, np.float64)
-        grads = None if grads is None else np.asarray(grads, np.float64)
-        rows = []
-        for r, s, i in batch.slots:
-            rec = recs[i]
-            row = {"problem_id": rec.problem_id, "candidate_id": rec.candidate_id,
-                   "teacher": rec.teacher, "pool_line": rec.line}
-            row.update({k: float(x) for k, x in zip(STATS, sums[r, s], strict=True)})
-            row["tokens"] = int(round(row["tokens"]))
-            if grads is not None:
-                row["grad_sq"] = float(grads[r])
-            rows.append(row)
-        sidecar.append(rows)
-        n_tok = sum(r["tokens"] for r in rows)
-        tokens += n_tok
-        padded += batch.ids.size
-        if progress is not None:
-            progress(len(rows), tokens=n_tok)
+    def run(batch: PackedBatch):
+        # Placed on the devices once, used by the proxy kernel and the gradient estimator.
+        arrays = [jax.device_put(x, data_sharding(mesh, 2)) for x in
+                  (batch.ids, batch.positions, batch.segments, batch.targets, batch.weights)]
+        sums = _run_batch(graphdef, state, arrays, batch, cfg, top_k, mesh, round_logits)
+        grads = _run_grad(graphdef, state, arrays, cfg) if cfg.estimator == "gradient" else None
+        return sums, grads  # undone: DeviceLoop fetches them after the next dispatch
 
     stop = threading.Event()  # set on failure: the host thread stops at its next record
-    work = prefetch(host_work(), cfg.prefetch)
-    # One batch in flight: batch i+1 is dispatched (JAX runs it asynchronously) before
-    # batch i's results are fetched, so the device waits on the host only for what the
-    # main thread itself does per batch (dispatch, a new shape's compilation, the sidecar).
-    pending = None
+    records = read_share(pool, proc, n_proc, sidecar.done_keys(), stop)
+    work = prefetch(tokenize_and_pack(records, student.tokenizer, pool, cfg, mesh.shape["data"]),
+                    cfg.prefetch)
+    writer = SidecarWriter(sidecar, progress)
+    loop = DeviceLoop(run, writer.finished)
     try:
         for kind, recs, batch in work:
             if kind == "skip":
-                sidecar.append([{"skipped": True, "problem_id": r.problem_id,
-                                 "candidate_id": r.candidate_id} for r in recs])
-                continue
-            # Placed on the devices once, used by the proxy kernel and the gradient estimator.
-            arrays = [jax.device_put(x, data_sharding(mesh, 2)) for x in
-                      (batch.ids, batch.positions, batch.segments, batch.targets, batch.weights)]
-            sums = _run_batch(graphdef, state, arrays, batch, cfg, top_k, mesh, round_logits)
-            grads = _run_grad(graphdef, state, arrays, cfg) \
-                if cfg.estimator == "gradient" else None
-            if pending is not None:
-                done_batch, pending = pending, None
-                finish(*done_batch)
-            pending = (batch, recs, sums, grads)
-        if pending is not None:
-            done_batch, pending = pending, None
-            finish(*done_batch)
+                writer.skipped(recs)
+            else:
+                loop.submit(batch, recs)
+        loop.flush()
         rows, skipped = sidecar.rows, sidecar.skipped
-        if n_proc > 1:
+        if n_proc > 1:  # stage 5: process 0 merges every process's sidecar
             rows, skipped = _gather_sidecars(out, n_proc)
             if rows is None:  # not process 0: process 0 writes the result
                 sidecar.close()
                 barrier("lark_jax_score_written")
                 sidecar.path.unlink(missing_ok=True)
                 return ScoreSummary(0, len(sidecar.rows), len(sidecar.skipped), n_resumed,
-                                    tokens, padded, time.perf_counter() - t0, str(out))
-        scores = build_scores(rows, cfg.brier, cfg.estimator)
-        problems = {r["problem_id"] for r in rows} | {r["problem_id"] for r in skipped}
-        result = {
-            "method": "lark_ghat", "student_model": str(name), "top_k": cfg.top_k,
-            "brier": cfg.brier, "estimator": cfg.estimator, "max_length": cfg.max_length,
-            "compat": cfg.compat or "exact",
-            "n_problems": len(problems), "n_scored": len(rows), "n_skipped": len(skipped),
-            "scores": scores,
-        }
-        fsio.atomic_json(out, result)
+                                    writer.tokens, writer.padded, time.perf_counter() - t0,
+                                    str(out))
+        problems = _write_scores(out, rows, skipped, cfg, name)
         if n_proc > 1:
             barrier("lark_jax_score_written")
     except BaseException as failure:
         try:
             stop.set()
             work.close()  # waits for the host thread, at most one record's work
-            if pending is not None and isinstance(failure, Exception):
+            if loop.pending is not None and isinstance(failure, Exception):
                 # An error elsewhere (a bad pool line, ...): keep the batch already
                 # computed, so --resume need not redo it. An interrupt does not wait.
                 with contextlib.suppress(Exception):
-                    finish(*pending)
+                    loop.flush()
         finally:
             # A run that failed before finishing any row leaves nothing behind.
             sidecar.close(remove=sidecar.created and not (sidecar.rows or sidecar.skipped))
         raise
     sidecar.close(remove=True)
-    return ScoreSummary(len(problems), len(rows), len(skipped), n_resumed, tokens, padded,
-                        time.perf_counter() - t0, str(out))
+    return ScoreSummary(problems, len(rows), len(skipped), n_resumed, writer.tokens,
+                        writer.padded, time.perf_counter() - t0, str(out))
+
+
+def _write_scores(out: Path, rows: list[dict], skipped: list[dict], cfg: ScoreConfig,
+                  name) -> int:
+    """The scores JSON from every row (atomically); returns the number of problems."""
+    scores = build_scores(rows, cfg.brier, cfg.estimator)
+    problems = {r["problem_id"] for r in rows} | {r["problem_id"] for r in skipped}
+    fsio.atomic_json(out, {
+        "method": "lark_ghat", "student_model": str(name), "top_k": cfg.top_k,
+        "brier": cfg.brier, "estimator": cfg.estimator, "max_length": cfg.max_length,
+        "compat": cfg.compat or "exact",
+        "n_problems": len(problems), "n_scored": len(rows), "n_skipped": len(skipped),
+        "scores": scores,
+    })
+    return len(problems)
 
 
 def _sidecar_path(out: Path, proc: int, n_proc: int) -> Path:
