@@ -31,7 +31,7 @@ from lark_jax.data.chat import Tokenized, tokenize_record
 from lark_jax.data.packing import PackedBatch, best_fit_rows, build_batch
 from lark_jax.data.pool import Record, iter_pool
 from lark_jax.data.prefetch import prefetch
-from lark_jax.distributed import barrier
+from lark_jax.distributed import barrier, check_same_settings
 from lark_jax.errors import LarkError
 from lark_jax.learnability.kernel import STATS, score_batch
 from lark_jax.learnability.scores import build_scores
@@ -309,6 +309,8 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
               "max_length": cfg.max_length, "pool": str(pool.resolve()),
               "estimator": cfg.estimator, "compat": cfg.compat}
     n_proc, proc = jax.process_count(), jax.process_index()
+    check_same_settings({**header, **dataclasses.asdict(cfg), "resume": resume,
+                         "out": str(out)}, "score")
     if n_proc > 1:
         header["process"] = f"{proc}-of-{n_proc}"
         if any(d.process_index != proc for d in np.asarray(student.mesh.devices).flat):
