@@ -22,7 +22,9 @@ import os, signal, sys
 import jax
 jax.config.update("jax_num_cpu_devices", int(os.environ.get("LARK_TEST_DEVICES", "4")))
 kill_after = int(os.environ.get("LARK_TEST_KILL_AFTER", "0"))
-if kill_after:
+term_after = int(os.environ.get("LARK_TEST_TERM_AFTER", "0"))
+if kill_after or term_after:
+    import time
     import lark_jax.training.trainer as trainer
     real = trainer.run_steps
     def run_steps(tr, items, on_done, **kw):
@@ -30,6 +32,10 @@ if kill_after:
             on_done(step, *a)
             if step + 1 == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if step + 1 == term_after:  # a preemption notice, as a scheduler sends it
+                os.kill(os.getpid(), signal.SIGTERM)
+            if term_after and step + 1 >= term_after:
+                time.sleep(0.5)  # give the hosts' agreement on a safe step time to finish
         return real(tr, items, done, **kw)
     trainer.run_steps = run_steps
 from lark_jax.cli import main
@@ -174,6 +180,26 @@ def test_killed_process_stops_its_peer_and_both_resume(train_case, one_process_r
     assert rcs[0] != 0 and time.monotonic() - t0 < 100, "the survivor must not hang"
     assert "stopped sending heartbeats" in errs[0], errs[0][-2000:]
     run_ok(args + ["--out", str(run), "--save-every", "1", "--resume"])
+    assert_same_run(one_process_run, run)
+
+
+@pytest.mark.slow
+def test_preempted_processes_save_the_same_step_and_resume(train_case, one_process_run):
+    """SIGTERM on one host: every host saves the agreed step, stops with one line, and
+    --resume on both reaches the uninterrupted run's result."""
+    tmp, args = train_case
+    run = tmp / "preempted"
+    i = args.index("--save-every")
+    plain = args[:i] + args[i + 2:]  # no regular checkpoints: only the preemption's
+    rcs, errs = finish(launch(plain + ["--out", str(run)],
+                              env_for={0: {"LARK_TEST_TERM_AFTER": "2"}}), timeout=180)
+    assert rcs == [2, 2], [e[-2000:] for e in errs]
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and 2 < saved[0] < 6, saved
+    for e in errs:
+        assert f"preempted (SIGTERM): every process stopped after step {saved[0]}" in e
+        assert "Traceback" not in e
+    run_ok(plain + ["--out", str(run), "--resume"])
     assert_same_run(one_process_run, run)
 
 

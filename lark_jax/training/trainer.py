@@ -485,8 +485,19 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
                                                process=proc, n_processes=n_proc)), \
                 step_denominator(examples, idx, cfg.objective)
 
+    preempted: dict[int, bool] = {}
+
     def checkpoint_step(step: int) -> bool:
-        return bool(cfg.save_every) and (step + 1) % cfg.save_every == 0
+        """Whether ``step`` ends with a checkpoint (asked once per step, in order, by
+        run_steps, which then waits for the step so that the saved params are its own)."""
+        if n_proc > 1:
+            # A preemption notice (SIGTERM) on any host: every host reaches the same safe
+            # step, saves it and stops. All hosts must ask at every step (JAX's protocol).
+            from jax.experimental import multihost_utils
+
+            preempted[step] = multihost_utils.reached_preemption_sync_point(step + 1)
+        return preempted.get(step, False) or (
+            bool(cfg.save_every) and (step + 1) % cfg.save_every == 0)
 
     last = {"loss": math.nan, "tokens": 0, "t": time.perf_counter()}
 
@@ -504,8 +515,12 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
             mf.flush()
         if not math.isfinite(loss):
             raise LarkError(f"loss became {loss} at step {step + 1}")
-        if checkpoint_step(step):  # the step has finished (sync_after): params are its own
-            save(step + 1)
+        if preempted.get(step) or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            save(step + 1)  # the step has finished (sync_after): params are its own
+        if preempted.get(step):
+            mgr.wait_until_finished()
+            raise LarkError(f"preempted (SIGTERM): every process stopped after step {step + 1}, "
+                            "whose checkpoint is saved; rerun the same command with --resume")
         if progress is not None:
             progress(step + 1, total, loss=loss, tok_s=rec["tokens_per_s"])
 
