@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from lark_jax import distributed  # no JAX import at module level: the parser stays light
 from lark_jax.errors import LarkError
 from lark_jax.progress import Reporter
 
@@ -139,7 +140,7 @@ def _add_score(p):
     p.add_argument("--prefetch", type=int, default=4,
                    help="batches a host thread reads, tokenizes and packs ahead (0: inline)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    add_cluster_arguments(p)
+    distributed.add_arguments(p)
     p.add_argument("--compat", default=None, choices=["reference"],
                    help="the published scorer's conventions: skip assistant spans of <= 1 "
                         "token; with --dtype bfloat16, round logits to bfloat16 before the "
@@ -147,19 +148,6 @@ def _add_score(p):
     p.add_argument("--estimator", default="proxy", choices=["proxy", "gradient"],
                    help="proxy = the forward-pass Brier/L of the paper; gradient = the exact "
                         "rate ||grad L||^2/L (one backward pass per trajectory)")
-
-
-def add_cluster_arguments(p) -> None:
-    from lark_jax.distributed import add_arguments
-
-    add_arguments(p)
-
-
-def join_cluster(args) -> bool:
-    """Join a multi-process run when the options ask for one; True when there are several."""
-    from lark_jax.distributed import from_args, initialize
-
-    return initialize(from_args(args))
 
 
 def _run_score(args, rep: Reporter) -> None:
@@ -174,7 +162,7 @@ def _run_score(args, rep: Reporter) -> None:
                       prefetch=args.prefetch)
     cfg.validate()
     devices = None
-    if join_cluster(args):
+    if distributed.join(args):
         import jax
 
         devices = jax.local_devices()  # each host scores its own slice of the pool
@@ -273,7 +261,7 @@ def _add_train(p):
                    "(default alpha = 2R)")
     _add_attention(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    add_cluster_arguments(p)
+    distributed.add_arguments(p)
 
 
 def _run_train(args, rep: Reporter) -> None:
@@ -291,7 +279,7 @@ def _run_train(args, rep: Reporter) -> None:
                       attention=args.attention, prefetch=args.prefetch)
     cfg.validate()
     _check_attention(cfg.attention)
-    if join_cluster(args):  # one mesh over every process's devices (train's default)
+    if distributed.join(args):  # one mesh over every process's devices (train's default)
         import jax
 
         if jax.process_index() != 0:

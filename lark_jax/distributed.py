@@ -63,6 +63,11 @@ def from_args(args) -> ClusterArgs:
                        args.process_id, args.init_timeout, args.heartbeat_timeout)
 
 
+def join(args) -> bool:
+    """``initialize`` from a command's parsed options (see :func:`add_arguments`)."""
+    return initialize(from_args(args))
+
+
 def initialize(c: ClusterArgs) -> bool:
     """Join the run described by ``c``; returns whether this is a multi-process run."""
     import jax

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from lark_jax import distributed
 from lark_jax.errors import LarkError
 from lark_jax.evaluation.bench import DEFAULT_SYSTEM_PROMPT
 from lark_jax.progress import Reporter
@@ -55,9 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model label in summary.json and tables (default: from --model)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (same settings)")
-    from lark_jax.distributed import add_arguments as add_cluster_arguments
-
-    add_cluster_arguments(p)
+    distributed.add_arguments(p)
     g = p.add_argument_group("aggregate mode")
     g.add_argument("--aggregate", nargs="+", metavar="EVAL_DIR", default=None,
                    help="print one markdown table over finished eval directories instead")
@@ -117,9 +116,7 @@ def run(args, rep: Reporter) -> None:
     cfg.validate()
     bench = load_benchmark(args.benchmark)  # before the model: bad files fail fast
     mesh = None
-    from lark_jax.distributed import from_args, initialize
-
-    if initialize(from_args(args)):
+    if distributed.join(args):
         import jax
 
         from lark_jax.parallel import make_mesh

@@ -54,7 +54,7 @@ from lark_jax.training.data import (
     step_microbatches,
 )
 from lark_jax.training.loss import weighted_ce_sums
-from lark_jax.training.objective import OBJECTIVES, token_coefficient
+from lark_jax.training.objective import OBJECTIVES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,17 +475,19 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
         """Each step's packed micro-batches (run by a host thread, cfg.prefetch ahead)."""
         for step in range(start, total):
             idx = plan.step_indices(step)
-            # Tokens of the whole step (every process's share), for the metrics.
+            # Tokens of the whole step (every process's share), for the metrics: the
+            # packed records are those of weight > 0 under every objective.
             step_tokens[step] = sum(len(examples[i].tok.ids) for i in idx
-                                    if token_coefficient(examples[i].weight,
-                                                         examples[i].tok.n_targets,
-                                                         cfg.objective) > 0)
+                                    if examples[i].weight > 0)
             yield step, list(step_microbatches(examples, idx, row_len, rows,
                                                row_multiple=n_data, objective=cfg.objective,
                                                process=proc, n_processes=n_proc)), \
                 step_denominator(examples, idx, cfg.objective)
 
     preempted: dict[int, bool] = {}
+
+    def regular_checkpoint(step: int) -> bool:
+        return bool(cfg.save_every) and (step + 1) % cfg.save_every == 0
 
     def checkpoint_step(step: int) -> bool:
         """Whether ``step`` ends with a checkpoint (asked once per step, in order, by
@@ -496,8 +498,7 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
             from jax.experimental import multihost_utils
 
             preempted[step] = multihost_utils.reached_preemption_sync_point(step + 1)
-        return preempted.get(step, False) or (
-            bool(cfg.save_every) and (step + 1) % cfg.save_every == 0)
+        return preempted.get(step, False) or regular_checkpoint(step)
 
     last = {"loss": math.nan, "tokens": 0, "t": time.perf_counter()}
 
@@ -515,7 +516,7 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
             mf.flush()
         if not math.isfinite(loss):
             raise LarkError(f"loss became {loss} at step {step + 1}")
-        if preempted.get(step) or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+        if preempted.get(step) or regular_checkpoint(step):
             save(step + 1)  # the step has finished (sync_after): params are its own
         if preempted.get(step):
             mgr.wait_until_finished()
@@ -536,15 +537,12 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
         mgr.close()
     trainer.opt_state = None  # export needs only the weights: free Adam's two moments first
     final = out_dir / "final"
-    if n_proc == 1:
-        save_student(trainer.model(), final, student.tokenizer,
-                     dtype=resolve_dtype(cfg.export_dtype), overwrite=True)
-    else:
-        model = trainer.host_model()  # every process takes part in the gather
-        if lead:
-            save_student(model, final, student.tokenizer,
-                         dtype=resolve_dtype(cfg.export_dtype), overwrite=True)
-        del model
+    # Several processes: every one takes part in gathering the weights; process 0 writes.
+    model = trainer.model() if n_proc == 1 else trainer.host_model()
+    if lead:
+        save_student(model, final, student.tokenizer, dtype=resolve_dtype(cfg.export_dtype),
+                     overwrite=True)
+    del model
     if lead:
         plot_loss(metrics_path, out_dir / "loss.png")
     barrier("lark_jax_train_written")  # no process reports before final/ exists
