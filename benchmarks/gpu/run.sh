@@ -18,9 +18,14 @@
 # (forward and backward); last, SFT with that kernel, in whatever time is left.
 set -uo pipefail
 OUT="${OUT:-benchmarks/results/gpu}"
+# The device tool returns at most 8 files, so every result and log goes to $R and is
+# packed into $OUT/gpu_results.tgz after each step (a step cut off still leaves the rest).
+R=$(mktemp -d)
 mkdir -p "$OUT"
-export LARK_BENCH_RESULTS="$OUT" PYTHONPATH="$PWD:${PYTHONPATH:-}"
+pack() { tar czf "$OUT/gpu_results.tgz.tmp" -C "$R" . && mv "$OUT/gpu_results.tgz.tmp" "$OUT/gpu_results.tgz"; }
+export LARK_BENCH_RESULTS="$R" PYTHONPATH="$PWD:${PYTHONPATH:-}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and torch share the card in one process
+PY="${PY:-python3}"  # the device image has python3 (its torch venv), not always python
 START=$(date +%s)
 BUDGET="${BUDGET:-530}"  # seconds for all steps: the device call's limit, less start-up
 if [ "${DRY:-0}" = 1 ]; then
@@ -33,18 +38,20 @@ else
   TRAIN=(--steps 4 --batch-size 16 --n 64 --lo 512 --hi 2048 --micro-batch-tokens 8192)
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"; } \
-  > "$OUT/gpu.txt" 2>&1
-python -c "import jax, flax, transformers, torch; print(jax.__version__, flax.__version__, \
-transformers.__version__, torch.__version__, jax.devices())" > "$OUT/versions.txt" 2>&1
+  > "$R/gpu.txt" 2>&1
+"$PY" -c "import jax, flax, transformers, torch; print(jax.__version__, flax.__version__, \
+transformers.__version__, torch.__version__, jax.devices())" > "$R/versions.txt" 2>&1
+cat "$R/gpu.txt" "$R/versions.txt"; pack
 W=$(mktemp -d)
 
 step() {  # step NAME SCRIPT ARGS...: run within min(T, what is left of BUDGET)
   local name=$1; shift
   local left=$(( BUDGET - ($(date +%s) - START) ))
   local limit=$(( left < T ? left : T ))
-  if [ "$limit" -lt 30 ]; then echo "== $name: skipped, ${left}s left" | tee "$OUT/$name.log"; return; fi
+  if [ "$limit" -lt 30 ]; then echo "== $name: skipped, ${left}s left" | tee "$R/$name.log"; return; fi
   echo "== $name (limit ${limit}s)"
-  timeout "$limit" python "$@" 2>&1 | grep -v "Loading weights" | tail -n 15 | tee "$OUT/$name.log"
+  timeout "$limit" "$PY" "$@" 2>&1 | grep -v "Loading weights" | tail -n 15 | tee "$R/$name.log"
+  pack
 }
 
 T=90 step flash_check benchmarks/gpu/check_flash.py $SMALL
@@ -61,4 +68,4 @@ step training benchmarks/bench_training.py --shape 15b --layers "$L" --dtype bfl
   "${TRAIN[@]}" --tag _15b_bf16 --work "$W"
 step training_flash benchmarks/bench_training.py --shape 15b --layers "$L" --dtype bfloat16 \
   "${TRAIN[@]}" --tag _15b_bf16_flash --work "$W" --attention flash
-ls -l "$OUT"
+cat "$R/versions.txt"; pack; ls -l "$R" "$OUT"
