@@ -191,8 +191,9 @@ def _run_score(args, rep: Reporter) -> None:
 def _add_attention(p) -> None:
     p.add_argument("--attention", default="auto",
                    choices=["auto", "dense", "blockwise", "flash"],
-                   help="attention kernel: auto (dense for short rows, else blockwise), or "
-                        "flash = JAX's fused Pallas kernel (GPU only)")
+                   help="attention kernel: auto (on a GPU flash, else dense for short rows "
+                        "and blockwise for long ones), or one of them (flash: JAX's fused "
+                        "Pallas kernel, GPU only)")
 
 
 def _check_attention(impl: str) -> None:

@@ -296,3 +296,14 @@ def test_parameter_table_counts_and_shards_every_weight(hf_students, case):
 
     fsdp = param_shardings(nnx.split(m)[1], cfg, make_mesh(), "fsdp")
     assert tuple(fsdp["layers"]["gate_proj"].spec) == (None, "data", None)
+
+
+def test_auto_attention_is_flash_for_uncached_rows_on_gpu_only():
+    from lark_jax.models.attention import choose_impl
+
+    assert choose_impl("auto", cached=False, platform="gpu") == "flash"
+    assert choose_impl("auto", cached=True, platform="gpu") == "auto"
+    assert choose_impl("flash", cached=True, platform="gpu") == "auto"
+    assert choose_impl("auto", cached=False, platform="cpu") == "auto"
+    assert choose_impl("blockwise", cached=False, platform="gpu") == "blockwise"
+    assert choose_impl("dense", cached=True, platform="tpu") == "dense"

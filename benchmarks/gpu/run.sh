@@ -10,12 +10,13 @@
 #
 # Measures, in bf16 with a random Qwen2.5-1.5B-shaped student (28 layers, full vocabulary):
 #   scoring, lark-jax vs the PyTorch comparator, pools with median ~512 and ~4k tokens,
-#     then lark-jax again with the fused Pallas (Triton) attention kernel (--attention flash);
+#     then lark-jax again with the blockwise attention kernel (on a GPU the default,
+#     auto, runs the fused Pallas kernel since the first H200 run: results/gpu/h200);
 #   generation (eval sampling with the repetition penalty; a length-spread workload with
 #     continuous batching) vs transformers generate;
 #   SFT tokens/s; MFU of each against the bf16 matmul rate measured in the same process.
 # First a quick check that the fused attention kernel compiles and equals dense attention
-# (forward and backward); last, SFT with that kernel, in whatever time is left.
+# (forward and backward); last, SFT with blockwise attention, in whatever time is left.
 set -uo pipefail
 OUT="${OUT:-benchmarks/results/gpu}"
 # The device tool returns at most 8 files, so every result and log goes to $R and is
@@ -57,15 +58,15 @@ step() {  # step NAME SCRIPT ARGS...: run within min(T, what is left of BUDGET)
 T=90 step flash_check benchmarks/gpu/check_flash.py $SMALL
 step scoring_median512 benchmarks/bench_scoring.py --shape 15b --layers "$L" --dtype bfloat16 \
   --n "$N512" --lo 256 --hi 1024 --batch-tokens 65536 --row-length 2048 \
-  --torch-device "$DEV" --tag _median512 --work "$W" --compare-attention flash
+  --torch-device "$DEV" --tag _median512 --work "$W" --compare-attention blockwise
 step scoring_median4k benchmarks/bench_scoring.py --shape 15b --layers "$L" --dtype bfloat16 \
   --n "$N4K" --lo 2048 --hi 8192 --batch-tokens 65536 --row-length 8192 \
-  --torch-device "$DEV" --tag _median4k --work "$W" --compare-attention flash
+  --torch-device "$DEV" --tag _median4k --work "$W" --compare-attention blockwise
 step generation benchmarks/bench_generation.py --shape 15b --layers "$L" --dtype bfloat16 \
   --n "$GEN_N" --new "$GEN_NEW" --slots "$GEN_N" --spread-n "$GEN_SPREAD" \
   --modes sample_penalty,spread --torch-device "$DEV" --tag _15b_bf16 --work "$W"
 step training benchmarks/bench_training.py --shape 15b --layers "$L" --dtype bfloat16 \
   "${TRAIN[@]}" --tag _15b_bf16 --work "$W"
-step training_flash benchmarks/bench_training.py --shape 15b --layers "$L" --dtype bfloat16 \
-  "${TRAIN[@]}" --tag _15b_bf16_flash --work "$W" --attention flash
+step training_blockwise benchmarks/bench_training.py --shape 15b --layers "$L" --dtype bfloat16 \
+  "${TRAIN[@]}" --tag _15b_bf16_blockwise --work "$W" --attention blockwise
 cat "$R/versions.txt"; pack; ls -l "$R" "$OUT"

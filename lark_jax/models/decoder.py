@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from lark_jax.models.attention import AttentionMask, attention
+from lark_jax.models.attention import AttentionMask, attention, choose_impl
 from lark_jax.models.config import ModelConfig, rope_inv_freq
 from lark_jax.models.params import ParamSpec, param_specs
 from lark_jax.shapes import pow2_divisor
@@ -226,9 +226,9 @@ class Decoder(nnx.Module):
                 k = lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
                 v = lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
             new_kv = (k, v)
-        impl = self.attn_impl
-        if cache_kv is not None and impl == "flash":
-            impl = "auto"  # the fused kernel has no KV-cache mode
+        platform = (next(iter(self.mesh.devices.flat)) if self.mesh is not None
+                    else jax.devices()[0]).platform
+        impl = choose_impl(self.attn_impl, cached=cache_kv is not None, platform=platform)
         o = attention(q, k, v, *mask, impl=impl, mesh=self.mesh)  # [B, T, H, Dh]
         x = x + proj(o.reshape(b, t, cfg.q_dim), "o_proj", "o_bias")
         h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
