@@ -12,7 +12,6 @@ from conftest import one_device
 from lark_jax import LarkError
 from lark_jax.data.pool import iter_pool
 from lark_jax.demo import METHODS, TEACHERS, TaskConfig, build_task, demo_config, run_demo
-from lark_jax.demo.pipeline import spearman
 from lark_jax.demo.task import SAMPLES, expression
 from lark_jax.evaluation import extract_answer, is_equivalent
 
@@ -82,15 +81,6 @@ def test_wrong_rate_extremes():
     assert all(r["meta"]["correct"] for r in never.pool)
     always = build_task(TaskConfig(n_pool=30, n_bench=2, n_pretrain=0, wrong_rate=1.0))
     assert not any(r["meta"]["correct"] for r in always.pool if r["teacher"] == "careless")
-
-
-def test_spearman():
-    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    # Ties get average ranks: ranks (0, 1.5, 1.5, 3) and (0, 2, 1, 3).
-    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
-    assert math.isnan(spearman([1, 2], [1, 2]))
-    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
 
 
 def test_bad_options_raise_lark_error(tmp_path):
@@ -177,18 +167,37 @@ def test_demo_end_to_end_outputs(demo_run):
     assert rows["lark"]["n_records"] == cfg.task.n_pool
     assert rows["all"]["n_records"] == cfg.task.n_pool * 8
     assert rows["shortest"]["teacher_mix"]["answer_only"] == pytest.approx(1.0)
+    assert results["n_bench_problems"] == cfg.task.n_bench and results["seeds"] == [0]
+    assert rows["lark"]["objective"] == "record"
+    assert rows["lark-reference"]["objective"] == "reference"
+    assert rows["lark-reference"]["n_records"] == rows["lark"]["n_records"]
+    for r in rows.values():  # the interval brackets the mean, both in [0, 1]
+        lo, hi = r["acc"]["ci95"]
+        assert 0 <= lo <= r["acc"]["mean"] <= hi <= 1
+    for key in ("lark - random", "lark - all", "lark - lark-reference"):
+        p = results["paired"][key]
+        a, b = key.split(" - ")
+        assert p["mean"] == pytest.approx(rows[a]["acc"]["mean"] - rows[b]["acc"]["mean"])
+        assert p["ci95"][0] <= p["mean"] <= p["ci95"][1]
+        assert p["resolved"] == (p["ci95"][0] > 0 or p["ci95"][1] < 0)
+    # Per-problem outcomes behind the intervals agree with each eval's summary.
+    for m in ("lark", "all"):
+        summary = json.loads((out / "evals" / f"{m}-s0" / "summary.json").read_text())
+        assert summary[f"acc@{cfg.eval_samples}"] == pytest.approx(rows[m]["acc"]["mean"])
     d = results["diagnostics"]
-    for key in ("spearman_teacher_utility", "spearman_traj_rho_rate", "spearman_traj_ghat_rate"):
+    for key in ("spearman_teacher_utility", "spearman_traj_rho_rate", "spearman_traj_ghat_rate",
+                "spearman_ghat_vs_loss", "spearman_rho_vs_loss",
+                "spearman_rho_proxy_vs_gradient"):
         assert d[key] is not None and -1.0 <= d[key] <= 1.0, key
     assert set(d["per_teacher"]) == set(TEACHERS)
     assert d["n_trajectories"] == cfg.task.n_pool * 8
-    for name in ("sft_loss", "lark_vs_utility"):
+    for name in ("sft_loss", "lark_vs_utility", "acc_ci"):
         png = res.plots[name]
         assert png.parent == out / "plots" and png.read_bytes()[:8] == PNG
     md = (out / "results.md").read_text()
     for m in METHODS:
         assert f"| {m} |" in md or f"| **{m}** |" in md
-    assert "Spearman" in md and "ACC@2" in md
+    assert "Spearman" in md and "ACC@2" in md and "lark - random" in md and "95 % CI" in md
 
 
 def test_demo_student_is_cached_hf_directory(demo_run):

@@ -6,7 +6,8 @@ the same budget, fine-tunes one student per method for the same number of steps,
 them on the held-out benchmark and writes a results table and the paper's diagnostics.
 """
 
-from lark_jax.demo.pipeline import METHODS, DemoConfig, DemoResult, demo_config, run_demo
+from lark_jax.demo.config import METHODS, DemoConfig, demo_config
+from lark_jax.demo.pipeline import DemoResult, run_demo
 from lark_jax.demo.student import StudentRecipe, build_student, cache_root
 from lark_jax.demo.task import TEACHERS, Task, TaskConfig, build_task
 

@@ -1,0 +1,98 @@
+"""What a demo run depends on: the methods compared and the presets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lark_jax.demo.student import StudentRecipe
+from lark_jax.demo.task import TaskConfig
+from lark_jax.errors import LarkError
+
+# Every method: (selection policy, SFT objective). "lark" trains LARK's selection with the
+# record objective (the χ² weights per record); "lark-reference" trains the same selection
+# the way the published runs do (``training.objective``: weights only drop records).
+METHOD_SPECS = {"lark": ("lark", "record"), "lark-reference": ("lark", "reference"),
+                "random": ("random", "record"), "all": ("all", "record"),
+                "min-loss": ("min-loss", "record"), "max-loss": ("max-loss", "record"),
+                "rsr": ("rsr", "record"), "shortest": ("shortest", "record"),
+                "longest": ("longest", "record")}
+METHODS = tuple(METHOD_SPECS)
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """Everything a demo run depends on. Build one with :func:`demo_config`."""
+
+    preset: str
+    task: TaskConfig
+    student: StudentRecipe
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = METHODS
+    budget: int = 1  # trajectories per problem (LARK's B; every baseline gets the same)
+    steps: int = 60  # optimizer steps of every fine-tune
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_ratio: float = 0.1
+    top_k: int = 50  # Brier top-K of the scores (the reference's default)
+    eval_samples: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 200  # the longest teacher (rambler) writes under 190 tokens
+    utility: bool = True  # per-teacher fine-tunes for the utility diagnostic
+    gradient_check: bool = True  # rescore with --estimator gradient: proxy ρ vs exact rate
+    max_length: int = 512
+    row_length: int = 256
+
+    def validate(self) -> None:
+        self.task.validate()
+        self.student.validate()
+        if not self.seeds:
+            raise LarkError("at least one seed is needed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise LarkError(f"seeds must be distinct, got {list(self.seeds)}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise LarkError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        if "lark" not in self.methods:
+            raise LarkError("the demo compares LARK with baselines: 'lark' must be a method")
+        for name in ("budget", "steps", "batch_size", "eval_samples", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise LarkError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise LarkError("lr must be > 0")
+
+
+def demo_config(quick: bool = False, *, tiny: bool = False, seeds=None, **overrides
+                ) -> DemoConfig:
+    """The presets: full (default), ``quick`` (one seed, smaller), ``tiny`` (tests and CI).
+
+    full   400-problem pool, 128-problem benchmark, 3.1M-parameter Llama student (hidden 256,
+           4 layers) pre-trained 600 steps, 80-step fine-tunes, ACC@5, seeds 0, 1, 2.
+    quick  160-problem pool, 64-problem benchmark, 0.8M-parameter student (hidden 128, 4
+           layers) pre-trained 200 steps, 30-step fine-tunes, ACC@4, seed 0.
+    tiny   a few problems and steps: checks that everything runs, measures nothing.
+    """
+    if tiny:
+        cfg = DemoConfig(
+            preset="tiny",
+            task=TaskConfig(n_pool=12, n_bench=6, n_pretrain=48),
+            student=StudentRecipe(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                  intermediate_size=128, vocab_size=320, pretrain_steps=6,
+                                  batch_size=8),
+            seeds=(0,), steps=3, batch_size=8, eval_samples=2, max_new_tokens=24)
+    elif quick:
+        cfg = DemoConfig(
+            preset="quick",
+            task=TaskConfig(n_pool=160, n_bench=64, n_pretrain=1200),
+            student=StudentRecipe(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                                  intermediate_size=352, pretrain_steps=200, batch_size=16),
+            seeds=(0,), steps=30, eval_samples=4)
+    else:
+        cfg = DemoConfig(
+            preset="full",
+            task=TaskConfig(n_pool=400, n_bench=128, n_pretrain=3000),
+            student=StudentRecipe(pretrain_steps=600, batch_size=32),
+            seeds=(0, 1, 2), steps=80, eval_samples=5)
+    if seeds is not None:
+        overrides["seeds"] = tuple(int(s) for s in seeds)
+    return dataclasses.replace(cfg, **overrides)

@@ -1,0 +1,329 @@
+"""The demo's report: results.json, results.md and the plots, from a finished context."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lark_jax import fsio
+from lark_jax.demo.stats import mean_ci, paired_difference, resample_counts
+from lark_jax.demo.task import TEACHERS
+
+# -- report -----------------------------------------------------------------------------------
+
+_TEACHER_COLORS = {"stepwise": "tab:blue", "terse": "tab:orange", "stack": "tab:green",
+                   "careless": "tab:red", "rambler": "tab:purple", "answer_only": "tab:brown"}
+
+
+def plots(ctx, results: dict) -> dict[str, Path]:
+    """sft_loss.png (every method, first seed), lark_vs_utility.png (the paper's two
+    diagnostics and the proxy against the exact rate) and acc_ci.png (ACC with intervals)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lark_jax.training.trainer import plot_loss
+
+    cfg, out, runs, diag = ctx.cfg, ctx.out, ctx.runs, ctx.diagnostics
+    plots_dir = out / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    seed = cfg.seeds[0]
+    loss_png = plots_dir / "sft_loss.png"
+    methods = [m for m in cfg.methods if seed in runs[m]]
+    plot_loss([out / "runs" / f"{m}-s{seed}" / "metrics.jsonl" for m in methods], loss_png,
+              labels=methods)
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    ax = axes[0]
+    pt = diag["per_teacher"]
+    for t, v in pt.items():
+        y = v.get("utility", math.nan)
+        ax.scatter(v["lark_score"], y, color=_TEACHER_COLORS.get(t), s=50)
+        ax.annotate(t, (v["lark_score"], y), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.set_xlabel("LARK score (mean ĝ of the teacher's trajectories)")
+    ax.set_ylabel("utility: drop of held-out reference loss")
+    ax.set_title(f"per teacher, Spearman {_fmt_r(diag['spearman_teacher_utility'])}")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    traj = diag.get("per_trajectory")
+    if traj:
+        teach = np.array(traj["teacher"])
+        for t in TEACHERS:
+            sel = teach == t
+            ax.scatter(np.array(traj["rho"])[sel], np.array(traj["rate"])[sel], s=6,
+                       alpha=0.6, color=_TEACHER_COLORS.get(t), label=t)
+        ax.legend(fontsize=7, markerscale=2)
+        ax.set_title(f"per trajectory, Spearman {_fmt_r(diag['spearman_traj_rho_rate'])}")
+    else:
+        ax.set_title("per trajectory: needs the 'all' method")
+    ax.set_xlabel("ρ = Brier / L (LARK's predicted rate)")
+    ax.set_ylabel("measured rate log(L_before / L_after), 'all' run")
+    ax.grid(alpha=0.3)
+    ax = axes[2]
+    if traj and "rho_gradient" in traj:
+        teach = np.array(traj["teacher"])
+        for t in TEACHERS:
+            sel = teach == t
+            ax.scatter(np.array(traj["rho"])[sel], np.array(traj["rho_gradient"])[sel], s=6,
+                       alpha=0.6, color=_TEACHER_COLORS.get(t), label=t)
+        ax.set_yscale("log")
+        ax.set_title("proxy vs exact rate, Spearman "
+                     f"{_fmt_r(diag['spearman_rho_proxy_vs_gradient'])}")
+    else:
+        ax.set_title("proxy vs exact rate: not measured (gradient_check off)")
+    ax.set_xlabel("ρ = Brier / L (proxy)")
+    ax.set_ylabel("‖∇θ L‖² / L (exact, --estimator gradient)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    util_png = plots_dir / "lark_vs_utility.png"
+    _save(fig, util_png)
+
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(cfg.methods) + 1.4))
+    rows = results["methods"]
+    names = [r["method"] for r in rows]
+    means = np.array([100 * r["acc"]["mean"] for r in rows])
+    ci = np.array([[100 * x for x in r["acc"]["ci95"]] for r in rows])
+    y = np.arange(len(rows))[::-1]
+    ax.errorbar(means, y, xerr=[means - ci[:, 0], ci[:, 1] - means], fmt="o", capsize=3)
+    base = 100 * ctx.base_metrics["acc"]
+    ax.axvline(base, color="grey", ls="--", lw=1, label=f"untouched student {base:.1f}%")
+    ax.set_yticks(y, names)
+    ax.set_xlabel(f"ACC@{cfg.eval_samples} (%), mean and 95 % bootstrap interval "
+                  "(problems x seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    acc_png = plots_dir / "acc_ci.png"
+    _save(fig, acc_png)
+    return {"sft_loss": loss_png, "lark_vs_utility": util_png, "acc_ci": acc_png}
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with fsio.atomic_file(path, binary=True) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _fmt_r(r) -> str:
+    return "n/a" if r is None or not math.isfinite(r) else f"{r:+.2f}"
+
+
+_METRICS = (("acc", "ACC@k", 100.0, True), ("pass@1", "pass@1", 100.0, True),
+            ("ref_loss", "ref loss", 1.0, False), ("step_acc", "step acc", 100.0, True))
+
+
+def _num(x):
+    """A JSON-safe number: NaN/inf become None."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _mean_std(values) -> tuple[float, float]:
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+# Paired differences reported (when both methods ran): LARK against the two baselines the
+# issue of record asks about, and the two SFT objectives against each other.
+PAIRS = (("lark", "random"), ("lark", "all"), ("lark-reference", "random"),
+         ("lark-reference", "all"), ("lark", "lark-reference"))
+
+
+def build_results(ctx, t_start: float) -> dict:
+    """What results.json holds (see the module docstring of ``pipeline``)."""
+    cfg, runs, diag = ctx.cfg, ctx.runs, ctx.diagnostics
+    seeds = list(cfg.seeds)
+    n_problems = len(ctx.bench.problems)
+    # One set of bootstrap draws for every method: intervals and differences comparable.
+    counts = resample_counts(len(seeds), n_problems)
+    solved = {m: np.stack([ctx.solved[m][s] for s in seeds]) for m in cfg.methods}
+    rows = []
+    for m in cfg.methods:
+        row = {"method": m, "objective": runs[m][seeds[0]]["objective"], "n_seeds": len(seeds),
+               "n_records": runs[m][seeds[0]]["n_records"],
+               "teacher_mix": runs[m][seeds[0]]["teacher_mix"]}
+        for key, _, _, _ in _METRICS + (("final_train_loss", "", 1, False),):
+            mean, std = _mean_std([runs[m][s][key] for s in seeds])
+            row[key] = {"mean": _num(mean), "std": _num(std),
+                        "per_seed": [_num(runs[m][s][key]) for s in seeds]}
+        row["acc"]["ci95"] = mean_ci(solved[m], counts)["ci95"]
+        rows.append(row)
+    paired = {f"{a} - {b}": paired_difference(solved[a], solved[b], counts)
+              for a, b in PAIRS if a in solved and b in solved}
+    base = {k: _num(ctx.base_metrics[k]) for k in ("acc", "pass@1", "ref_loss", "step_acc")}
+    base["acc_ci95"] = mean_ci(ctx.base_solved, resample_counts(1, n_problems))["ci95"]
+
+    def best(key, higher):
+        """The best method by mean, or "tie: a, b" ("all tied") when several share it."""
+        vals = [(r[key]["mean"], r["method"]) for r in rows if r[key]["mean"] is not None]
+        if not vals:
+            return None
+        top = (max if higher else min)(v for v, _ in vals)
+        tied = [m for v, m in vals if v == top]
+        if len(tied) == 1:
+            return tied[0]
+        return "all tied" if len(tied) == len(vals) else "tie: " + ", ".join(tied)
+
+    winners = {key: best(key, higher) for key, _, _, higher in _METRICS}
+    per_traj = diag.get("per_trajectory")
+    built = ctx.built
+    keys = ("spearman_ghat_vs_loss", "spearman_rho_vs_loss", "spearman_teacher_utility",
+            "spearman_teacher_step_acc", "spearman_teacher_rho_own_rate",
+            "spearman_traj_rho_rate", "spearman_traj_ghat_rate",
+            "spearman_rho_proxy_vs_gradient")
+    return {
+        "preset": cfg.preset,
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
+        "student": {"path": str(built.path), "num_params": built.num_params,
+                    "vocab_size": built.vocab_size, "pretrain_steps": built.pretrain_steps,
+                    "pretrain_final_loss": _num(built.final_loss), "cached": built.cached,
+                    "seconds": built.seconds},
+        "k": cfg.eval_samples,
+        "n_bench_problems": n_problems,
+        "seeds": seeds,
+        "base": base,
+        "methods": rows,
+        "paired": paired,
+        "best": winners,
+        "lark_wins": {k: v == "lark" for k, v in winners.items()},
+        "diagnostics": {
+            "per_teacher": {t: {k: _num(v) for k, v in d.items()}
+                            for t, d in diag["per_teacher"].items()},
+            **{k: _num(diag.get(k)) for k in keys},
+            "n_trajectories": len(per_traj["rho"]) if per_traj else 0,
+        },
+        "timings_s": {k: round(v, 1) for k, v in ctx.timings.items()},
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+
+
+def _cell(stat: dict, scale: float, digits: int) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    s = f"{stat['mean'] * scale:.{digits}f}"
+    if len(stat["per_seed"]) > 1 and stat["std"] is not None:
+        s += f" ± {stat['std'] * scale:.{digits}f}"
+    return s
+
+
+def _pts(x) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def headline(results: dict) -> str:
+    """One sentence: is LARK's difference from random (and from all) resolved?"""
+    k = results["k"]
+    parts = []
+    for key in ("lark - random", "lark - all"):
+        d = results["paired"].get(key)
+        if d is None:
+            continue
+        lo, hi = d["ci95"]
+        verdict = ("resolved: LARK better" if lo > 0 else "resolved: LARK worse" if hi < 0
+                   else "not resolved (the interval contains 0)")
+        parts.append(f"{key}: {_pts(d['mean'])} pts ACC@{k} [{_pts(lo)}, {_pts(hi)}], "
+                     f"{verdict}")
+    return "; ".join(parts) + "." if parts else ""
+
+
+def render_markdown(results: dict) -> str:
+    """The results table and diagnostics as markdown (what ``results.md`` holds)."""
+    cfg = results["config"]
+    k = results["k"]
+    n = results["n_bench_problems"]
+    seeds = ", ".join(map(str, results["seeds"]))
+    lines = [f"# lark-jax demo results ({results['preset']})", "", "**" + headline(results)
+             + "**", ""]
+    st = results["student"]
+    lines += [
+        f"Student: {st['num_params']:,}-parameter {cfg['student']['family']} "
+        f"(hidden {cfg['student']['hidden_size']}, {cfg['student']['num_layers']} layers, "
+        f"vocabulary {st['vocab_size']}), pre-trained {st['pretrain_steps']} steps. "
+        f"Pool: {cfg['task']['n_pool']} problems x 8 candidates from 6 teachers; benchmark: "
+        f"{n} held-out problems, {k} samples each. Every method: budget "
+        f"{cfg['budget']} per problem ('all' keeps every candidate), {cfg['steps']} "
+        f"optimizer steps of {cfg['batch_size']} records, lr {cfg['lr']:g}; seeds {seeds}. "
+        "ACC: mean over seeds and problems with a 95 % bootstrap interval (problems and "
+        "seeds resampled); other columns: mean ± std over seeds.",
+        "",
+        f"| method | SFT objective | ACC@{k} (%) | 95 % CI | pass@1 (%) | ref loss ↓ | "
+        "step acc (%) | final SFT loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    b = results["base"]
+    fmt = lambda x, s, d: "n/a" if x is None else f"{x * s:.{d}f}"  # noqa: E731
+    ci = lambda c: f"[{100 * c[0]:.1f}, {100 * c[1]:.1f}]"  # noqa: E731
+    lines.append(f"| base (no fine-tuning) | - | {fmt(b['acc'], 100, 1)} | {ci(b['acc_ci95'])} "
+                 f"| {fmt(b['pass@1'], 100, 1)} | {fmt(b['ref_loss'], 1, 3)} | "
+                 f"{fmt(b['step_acc'], 100, 1)} | - |")
+    for r in results["methods"]:
+        name = f"**{r['method']}**" if r["method"].startswith("lark") else r["method"]
+        lines.append(f"| {name} | {r['objective']} | {fmt(r['acc']['mean'], 100, 1)} | "
+                     f"{ci(r['acc']['ci95'])} | {_cell(r['pass@1'], 100, 1)} | "
+                     f"{_cell(r['ref_loss'], 1, 3)} | {_cell(r['step_acc'], 100, 1)} | "
+                     f"{_cell(r['final_train_loss'], 1, 3)} |")
+    lines += ["", "Paired differences (same problems and seeds, same bootstrap draws):", "",
+              f"| difference | ACC@{k} (pts) | 95 % CI | resolved |", "|---|---|---|---|"]
+    for key, d in results["paired"].items():
+        lo, hi = d["ci95"]
+        lines.append(f"| {key} | {_pts(d['mean'])} | [{_pts(lo)}, {_pts(hi)}] | "
+                     f"{'yes' if d['resolved'] else 'no'} |")
+    best = results["best"]
+    lines += ["", "Best method per column (by mean): " + ", ".join(
+        f"{label} {best[key]}" for key, label, _, _ in _METRICS) + ".", ""]
+    lines += ["Teacher mix of each selection (share of train weight, first seed):", "",
+              "| method | " + " | ".join(TEACHERS) + " |",
+              "|---|" + "---|" * len(TEACHERS)]
+    for r in results["methods"]:
+        lines.append(f"| {r['method']} | " + " | ".join(
+            f"{100 * r['teacher_mix'].get(t, 0):.0f}%" for t in TEACHERS) + " |")
+    d = results["diagnostics"]
+    lines += ["", "Diagnostics (plots/lark_vs_utility.png):", "",
+              "| teacher | mean ĝ (LARK score) | mean ρ | mean L | utility (ref-loss drop) | "
+              "step-acc gain | own held-out rate |", "|---|---|---|---|---|---|---|"]
+    for t, v in d["per_teacher"].items():
+        f = lambda x, dg=4: "n/a" if x is None else f"{x:+.{dg}f}"  # noqa: E731
+        plain = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+        lines.append(f"| {t} | {f(v.get('lark_score'))} | {plain(v.get('rho'))} | "
+                     f"{plain(v.get('L'))} | {f(v.get('utility'))} | "
+                     f"{f(v.get('step_acc_gain'), 3)} | {f(v.get('own_rate'), 3)} |")
+    lines += ["",
+              f"- Over {d['n_trajectories']} trajectories: Spearman(ĝ, L) "
+              f"{_fmt_r(d['spearman_ghat_vs_loss'])} (near ±1 would mean LARK only ranks by "
+              f"loss), Spearman(ρ, L) {_fmt_r(d['spearman_rho_vs_loss'])}.",
+              f"- Spearman(LARK score, utility) over teachers: "
+              f"{_fmt_r(d['spearman_teacher_utility'])}; with the step-accuracy gain: "
+              f"{_fmt_r(d['spearman_teacher_step_acc'])}; mean ρ vs the teacher's own "
+              f"held-out loss-decrease rate: {_fmt_r(d['spearman_teacher_rho_own_rate'])}.",
+              f"- Spearman(ρ_k, measured rate log(L_before/L_after)) per trajectory after the "
+              f"'all' run: {_fmt_r(d['spearman_traj_rho_rate'])}; with ĝ_k: "
+              f"{_fmt_r(d['spearman_traj_ghat_rate'])}.",
+              f"- Spearman(proxy ρ = Brier/L, exact rate ‖∇θ L‖²/L from --estimator "
+              f"gradient): {_fmt_r(d['spearman_rho_proxy_vs_gradient'])}.",
+              "",
+              "Definitions: ACC@k = share of benchmark problems with a correct answer among k "
+              f"samples (temperature {cfg['temperature']}, top-p {cfg['top_p']}). ref loss = "
+              "mean CE per assistant token on the benchmark's reference solutions (it "
+              "measures style as well as arithmetic). step acc = share of the reference "
+              "solutions' intermediate results predicted exactly, teacher-forced. Utility of "
+              "a teacher = ref loss of the untouched student minus ref loss after fine-tuning "
+              "on that teacher's pool trajectories only (same steps, lr and batch; first "
+              "seed). Own held-out rate = log of the ratio of the teacher's held-out "
+              "trajectory loss before/after that fine-tune.",
+              "", f"Wall time {results['seconds']:.0f}s "
+              f"({', '.join(f'{k} {v:.0f}s' for k, v in results['timings_s'].items())}).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,357 @@
+"""The demo's stages, in order, each reading and filling one :class:`DemoContext`:
+
+    make_task -> make_student -> score -> evaluate_base -> run_methods -> diagnostics
+
+(``report`` then turns the context into results.json, results.md and the plots). Every
+stage calls the project's own entry points (``score_pool``, ``selection.select``,
+``train``, ``run_eval``), so the demo exercises exactly what a user runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lark_jax import fsio
+from lark_jax.demo.config import METHOD_SPECS, DemoConfig
+from lark_jax.demo.heldout import HeldOut, heldout_metrics, prepare_heldout
+from lark_jax.demo.stats import spearman
+from lark_jax.demo.student import BuiltStudent, build_student
+from lark_jax.demo.task import TEACHERS, Task, build_task
+from lark_jax.errors import LarkError
+
+
+@dataclasses.dataclass
+class DemoContext:
+    """What the stages share. Fields after ``timings`` are filled in stage order."""
+
+    cfg: DemoConfig
+    out: Path
+    mesh: Any
+    rep: Any  # reporter: bar(total, desc, unit) and info(msg)
+    cache_dir: Path | None = None
+    rebuild_student: bool = False
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    task: Task | None = None
+    files: dict[str, Path] = dataclasses.field(default_factory=dict)
+    built: BuiltStudent | None = None
+    base: Any = None  # the untouched Student
+    reference: HeldOut | None = None  # the benchmark's reference solutions
+    teacher_held: dict[str, HeldOut] = dataclasses.field(default_factory=dict)
+    bench: Any = None  # evaluation.Benchmark
+    table: Any = None  # selection.ScoreTable of the untouched student
+    found: dict = dataclasses.field(default_factory=dict)  # (pid, cid) -> (teacher, messages)
+    base_metrics: dict = dataclasses.field(default_factory=dict)
+    base_solved: np.ndarray | None = None  # [1, P] 0/1: solved within k samples
+    runs: dict[str, dict[int, dict]] = dataclasses.field(default_factory=dict)
+    solved: dict[str, dict[int, np.ndarray]] = dataclasses.field(default_factory=dict)
+    diagnostics: dict = dataclasses.field(default_factory=dict)
+
+    _open: list = dataclasses.field(default_factory=list, repr=False)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Time a stage into ``timings[name]`` (accumulating). Exclusive: time spent in a
+        stage opened inside it counts only there, so the timings add up to the wall time."""
+        frame = [time.perf_counter(), 0.0]  # start, time taken by nested stages
+        self._open.append(frame)
+        try:
+            yield
+        finally:
+            self._open.pop()
+            took = time.perf_counter() - frame[0]
+            self.timings[name] = self.timings.get(name, 0.0) + took - frame[1]
+            if self._open:
+                self._open[-1][1] += took
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    fsio.atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+# -- 1. task, 2. student ---------------------------------------------------------------------
+
+
+def make_task(ctx: DemoContext) -> None:
+    cfg = ctx.cfg
+    with ctx.stage("task"):
+        ctx.task = build_task(cfg.task)
+        ctx.files = ctx.task.write(ctx.out / "task")
+    ctx.rep.info(f"task: {cfg.task.n_pool} pool problems x "
+                 f"{len(ctx.task.pool) // cfg.task.n_pool} candidates, {cfg.task.n_bench} "
+                 f"benchmark problems, {cfg.task.n_pretrain} pre-training problems")
+
+
+def make_student(ctx: DemoContext) -> None:
+    from lark_jax.evaluation import load_benchmark
+    from lark_jax.models import load_student
+
+    cfg = ctx.cfg
+    with ctx.stage("student"), ctx.rep.bar(cfg.student.pretrain_steps, "build student",
+                                           unit="step") as advance:
+        ctx.built = build_student(
+            cfg.student, ctx.task.pretrain, cfg.task.corpus_recipe(), cache_dir=ctx.cache_dir,
+            mesh=ctx.mesh, rebuild=ctx.rebuild_student, info=ctx.rep.info,
+            progress=lambda step, total, loss, tok_s: advance(1, loss=f"{loss:.3f}"))
+    b = ctx.built
+    ctx.rep.info(f"student: {b.num_params:,} parameters, vocabulary {b.vocab_size}, "
+                 f"{'cached' if b.cached else 'built'} in {b.seconds:.0f}s: {b.path}")
+    ctx.base = load_student(b.path, mesh=ctx.mesh)
+    tok = ctx.base.tokenizer
+    ctx.reference = prepare_heldout(tok, ctx.task.reference)
+    ctx.teacher_held = {t: prepare_heldout(tok, [
+        {"messages": r["messages"]} for r in ctx.task.bench_trajectories if r["teacher"] == t])
+        for t in TEACHERS}
+    ctx.bench = load_benchmark(ctx.files["benchmark"])
+
+
+# -- 3. scores -----------------------------------------------------------------------------
+
+
+def score_config(cfg: DemoConfig, estimator: str = "proxy"):
+    from lark_jax.learnability.runner import ScoreConfig
+
+    return ScoreConfig(top_k=cfg.top_k, max_length=cfg.max_length, row_length=cfg.row_length,
+                       batch_tokens=16 * cfg.row_length, estimator=estimator)
+
+
+def score_with(ctx: DemoContext, student, out: Path, name: str, desc: str,
+               estimator: str = "proxy", need=("L",)):
+    """Score the pool with ``student`` into ``out`` and return its ScoreTable, checked to
+    hold the same candidates as the untouched student's table (when that exists)."""
+    from lark_jax.learnability.runner import score_pool
+    from lark_jax.selection import load_scores
+
+    with ctx.rep.bar(len(ctx.task.pool), desc, unit="traj") as advance:
+        score_pool(student, ctx.files["pool"], out, score_config(ctx.cfg, estimator),
+                   student_name=name, progress=lambda n, tokens: advance(n))
+    table = load_scores(out, need=need)
+    if ctx.table is not None and not (
+            np.array_equal(table.candidate_ids, ctx.table.candidate_ids)
+            and np.array_equal(table.problem_ids, ctx.table.problem_ids)):
+        raise LarkError("a rescored pool does not match the original scores", where=str(out))
+    return table
+
+
+def score(ctx: DemoContext) -> None:
+    from lark_jax.selection.io import gather_pool
+
+    with ctx.stage("score"):
+        ctx.table = score_with(ctx, ctx.base, ctx.out / "scores.json", "demo-student",
+                               "score pool", need=("g_hat", "L", "rho", "rsr", "tokens"))
+        ctx.found, _ = gather_pool(ctx.files["pool"], ctx.table, set(ctx.table.keys()))
+
+
+# -- 4. evaluation and held-out metrics --------------------------------------------------------
+
+
+def heldout(ctx: DemoContext, student, teachers: bool = False) -> dict:
+    ref = heldout_metrics(student, ctx.reference)
+    res = {"ref_loss": ref["loss"], "step_acc": ref["marked_acc"]}
+    if teachers:  # each teacher's own held-out trajectories (utility diagnostics)
+        res["teacher_loss"] = {t: heldout_metrics(student, h)["loss"]
+                               for t, h in ctx.teacher_held.items()}
+    return res
+
+
+def evaluate(ctx: DemoContext, student, name: str, seed: int) -> tuple[dict, np.ndarray]:
+    """ACC@k, pass@1 and the no-answer rate on the benchmark, and per problem whether any
+    of the k samples was correct (from the eval's answers.jsonl)."""
+    from lark_jax.evaluation import EvalConfig, run_eval
+
+    cfg = ctx.cfg
+    n = len(ctx.bench.problems)
+    ecfg = EvalConfig(seed=seed, samples=cfg.eval_samples, temperature=cfg.temperature,
+                      top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, system_prompt="",
+                      batch_size=min(256, cfg.eval_samples * n))
+    with ctx.stage("eval"), ctx.rep.bar(cfg.eval_samples * n, f"eval {name}",
+                                        unit="sample") as advance:
+        res = run_eval(student, ctx.bench, ctx.out / "evals" / name, ecfg, model_name=name,
+                       progress=advance)
+    s = res.summary
+    acc = next(v for k, v in s.items() if re.fullmatch(r"acc@\d+", k))
+    solved = np.zeros(n)
+    index = {p.index: i for i, p in enumerate(ctx.bench.problems)}
+    for line in (res.out_dir / "answers.jsonl").read_text().splitlines():
+        a = json.loads(line)
+        solved[index[a["problem"]]] = max(solved[index[a["problem"]]], float(a["correct"]))
+    if not math.isclose(solved.mean(), acc, abs_tol=1e-9):
+        raise LarkError(f"per-problem outcomes ({solved.mean()}) disagree with the summary's "
+                        f"ACC@k ({acc})", where=str(res.out_dir))
+    return ({"acc": acc, "pass@1": s["pass@1"],
+             "no_answer": s["no_answer_samples"] / (cfg.eval_samples * n)}, solved)
+
+
+def evaluate_base(ctx: DemoContext) -> None:
+    metrics, solved = evaluate(ctx, ctx.base, "base", ctx.cfg.seeds[0])
+    with ctx.stage("heldout"):
+        ctx.base_metrics = {**metrics, **heldout(ctx, ctx.base, teachers=True)}
+    ctx.base_solved = solved[None]
+
+
+# -- 5. select, fine-tune, evaluate -------------------------------------------------------------
+
+
+def finetune(ctx: DemoContext, data: Path, run: Path, seed: int, desc: str,
+             objective: str = "record") -> tuple[dict, Any]:
+    """Fine-tune the cached student on ``data`` for ``cfg.steps`` steps; return the run's
+    final loss and seconds, and the fine-tuned Student (loaded from the run's export)."""
+    from lark_jax.models import load_student
+    from lark_jax.training.trainer import TrainConfig, train
+
+    cfg = ctx.cfg
+    tcfg = TrainConfig(epochs=10**6, max_steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                       max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio,
+                       micro_batch_tokens=cfg.row_length * 8, seed=seed, keep=1,
+                       objective=objective)
+    with ctx.stage("train"), ctx.rep.bar(cfg.steps, desc, unit="step") as advance:
+        s = train(ctx.built.path, data, run, tcfg, mesh=ctx.mesh,
+                  progress=lambda step, total, loss, tok_s: advance(1, loss=f"{loss:.3f}"))
+    # The orbax checkpoints are only for resuming; the exported final/ is what we keep.
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    tuned = load_student(s.final_dir, mesh=ctx.mesh)
+    return {"final_train_loss": s.final_loss, "train_seconds": s.seconds}, tuned
+
+
+def selection_records(table, sel, found) -> tuple[list[dict], dict]:
+    """Training records of a Selection (as ``lark-jax select`` writes them) and the share of
+    train weight per teacher."""
+    from lark_jax.selection.io import json_number
+
+    rows, cols = np.nonzero(sel.chosen)
+    recs, mix = [], {t: 0.0 for t in TEACHERS}
+    for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+        pid, cid = int(table.problem_ids[r]), int(table.candidate_ids[r, c])
+        teacher, messages = found[(pid, cid)]
+        w = float(sel.weights[r, c] * sel.train_scale)
+        recs.append({"messages": list(messages),
+                     "meta": {"problem_id": pid, "candidate_id": cid, "teacher": teacher,
+                              "policy": sel.policy, "budget": sel.budget,
+                              "score": json_number(sel.score[r, c]), "train_weight": w}})
+        mix[teacher] = mix.get(teacher, 0.0) + w
+    total = sum(mix.values()) or 1.0
+    return recs, {t: v / total for t, v in mix.items()}
+
+
+def run_methods(ctx: DemoContext) -> None:
+    """Every method and seed: select at budget B, fine-tune, evaluate, held-out metrics."""
+    from lark_jax.selection import select
+    from lark_jax.selection.io import write_selection
+
+    cfg = ctx.cfg
+    ctx.runs = {m: {} for m in cfg.methods}
+    ctx.solved = {m: {} for m in cfg.methods}
+    for seed in cfg.seeds:
+        for method in cfg.methods:
+            policy, objective = METHOD_SPECS[method]
+            sel = select(ctx.table, policy, cfg.budget, seed=seed)
+            recs, mix = selection_records(ctx.table, sel, ctx.found)
+            data = ctx.out / "selections" / f"{method}-s{seed}.jsonl"
+            write_selection(data, recs, {"policy": policy, "objective": objective,
+                                         "budget": cfg.budget, "seed": seed,
+                                         "n_records": len(recs), "teacher_mix": mix})
+            name = f"{method}-s{seed}"
+            info, tuned = finetune(ctx, data, ctx.out / "runs" / name, seed, f"train {name}",
+                                   objective)
+            info.update(n_records=len(recs), teacher_mix=mix, objective=objective)
+            metrics, solved = evaluate(ctx, tuned, name, seed)
+            info.update(metrics)
+            with ctx.stage("heldout"):
+                info.update(heldout(ctx, tuned))
+            ctx.runs[method][seed] = info
+            ctx.solved[method][seed] = solved
+            ctx.rep.info(f"{name}: acc {info['acc']:.3f}  ref_loss {info['ref_loss']:.3f}  "
+                         f"step_acc {info['step_acc']:.3f}")
+
+
+# -- 6. diagnostics --------------------------------------------------------------------------
+
+
+def _teacher_grid(table) -> np.ndarray:
+    k = table.mask.shape[1]
+    return np.array([list(row) + [""] * (k - len(row)) for row in table.teachers])
+
+
+def diagnostics(ctx: DemoContext) -> None:
+    """The paper's diagnostics (see ``pipeline`` for their definitions)."""
+    cfg, table = ctx.cfg, ctx.table
+    g, rho, loss0, m = (table.fields["g_hat"], table.fields["rho"], table.fields["L"],
+                        table.mask)
+    teacher_of = _teacher_grid(table)
+    diag: dict = {
+        "spearman_ghat_vs_loss": spearman(g[m], loss0[m]),
+        "spearman_rho_vs_loss": spearman(rho[m], loss0[m]),
+    }
+    per_teacher = {}
+    for t in TEACHERS:
+        sel = m & (teacher_of == t)
+        per_teacher[t] = {"lark_score": float(np.nanmean(np.where(sel, g, np.nan))),
+                          "rho": float(np.nanmean(np.where(sel, rho, np.nan))),
+                          "L": float(np.nanmean(np.where(sel, loss0, np.nan)))}
+    seed = cfg.seeds[0]
+    with ctx.stage("utility"):
+        if cfg.utility:
+            _utility(ctx, per_teacher, seed)
+    teachers = list(TEACHERS)
+    col = lambda k: [per_teacher[t].get(k, math.nan) for t in teachers]  # noqa: E731
+    diag.update(per_teacher=per_teacher,
+                spearman_teacher_utility=spearman(col("lark_score"), col("utility")),
+                spearman_teacher_step_acc=spearman(col("lark_score"), col("step_acc_gain")),
+                spearman_teacher_rho_own_rate=spearman(col("rho"), col("own_rate")))
+    with ctx.stage("rescore"):
+        if "all" in ctx.runs and seed in ctx.runs["all"]:
+            # Per trajectory: the measured rate of loss decrease after fine-tuning on it all.
+            from lark_jax.models import load_student
+
+            tuned = load_student(ctx.out / "runs" / f"all-s{seed}" / "final", mesh=ctx.mesh)
+            after = score_with(ctx, tuned, ctx.out / "diagnostics" / "scores_after_all.json",
+                               "all-finetuned", "rescore pool").fields["L"]
+            rate = np.log(loss0 / after)
+            diag["per_trajectory"] = {
+                "teacher": teacher_of[m].tolist(), "rho": rho[m].tolist(),
+                "g_hat": g[m].tolist(), "L_before": loss0[m].tolist(),
+                "L_after": after[m].tolist(), "rate": rate[m].tolist()}
+            diag["spearman_traj_rho_rate"] = spearman(rho[m], rate[m])
+            diag["spearman_traj_ghat_rate"] = spearman(g[m], rate[m])
+        if cfg.gradient_check:
+            # The proxy ρ = Brier/L against the exact rate ‖∇θ L‖²/L of the same student.
+            exact = score_with(ctx, ctx.base, ctx.out / "diagnostics" / "scores_gradient.json",
+                               "demo-student", "gradient rates", estimator="gradient",
+                               need=("rho",)).fields["rho"]
+            diag.setdefault("per_trajectory", {"teacher": teacher_of[m].tolist(),
+                                               "rho": rho[m].tolist()})
+            diag["per_trajectory"]["rho_gradient"] = exact[m].tolist()
+            diag["spearman_rho_proxy_vs_gradient"] = spearman(rho[m], exact[m])
+    ctx.diagnostics = diag
+
+
+def _utility(ctx: DemoContext, per_teacher: dict, seed: int) -> None:
+    """Per teacher: fine-tune on that teacher's pool trajectories alone and measure the drop
+    of the held-out reference loss (its utility) and of its own held-out loss."""
+    base = ctx.base_metrics
+    for t in TEACHERS:
+        data = ctx.out / "utility" / f"{t}.jsonl"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        _write_jsonl(data, ({"messages": r["messages"],
+                             "meta": {"problem_id": r["problem_id"],
+                                      "candidate_id": r["candidate_id"], "teacher": t,
+                                      "train_weight": 1.0}}
+                            for r in ctx.task.pool if r["teacher"] == t))
+        info, tuned = finetune(ctx, data, ctx.out / "utility" / t, seed, f"utility {t}")
+        h = heldout(ctx, tuned, teachers=True)
+        per_teacher[t].update(
+            utility=base["ref_loss"] - h["ref_loss"],
+            step_acc_gain=h["step_acc"] - base["step_acc"],
+            own_rate=math.log(base["teacher_loss"][t] / h["teacher_loss"][t]),
+            final_train_loss=info["final_train_loss"])
+        ctx.rep.info(f"utility {t}: mean g_hat {per_teacher[t]['lark_score']:+.4f}  "
+                     f"ref_loss drop {per_teacher[t]['utility']:+.4f}")
