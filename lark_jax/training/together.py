@@ -1,0 +1,158 @@
+"""Many small fine-tunes of one student at once: ``jax.vmap`` over stacked parameters.
+
+A study compares methods × seeds (plus per-teacher runs), each a fine-tune of the same
+student for the same number of steps. Run one at a time, a small student spends its time
+in per-run overhead (loading, compiling, checkpointing, exporting) rather than in
+arithmetic. Here R runs share one compiled step: parameters and Adam states are stacked on
+a leading run axis, every step packs each run's records into one micro-batch, pads them to
+a common [rows, length] and updates all R together.
+
+Each run follows ``train`` exactly in what it computes: the same record order
+(``StepPlan``), objective coefficients and normaliser D (``training.objective``), loss
+(``weighted_ce_sums``), clipping, AdamW and schedule (``make_optimizer``). Only the
+packing differs (one micro-batch per step instead of several), which changes float
+summation order and nothing else: ``tests/test_training.py`` checks equality with
+separate ``train`` runs. No checkpoints and no export: the results stay in memory (see
+:meth:`TrainedTogether.student`). Meant for students that fit R times on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lark_jax.errors import LarkError
+from lark_jax.shapes import pow2_at_least, pow2_length
+from lark_jax.training.data import StepPlan, read_selection, step_denominator, step_microbatches
+from lark_jax.training.loss import weighted_ce_sums
+from lark_jax.training.trainer import TrainConfig, make_optimizer, make_schedule
+
+# Settings every run of one call must share (one compiled step, one schedule).
+SHARED = ("max_steps", "lr", "warmup_ratio", "weight_decay", "clip_norm", "max_length",
+          "batch_size", "dtype", "chunk_tokens", "system_turn")
+
+
+@dataclasses.dataclass
+class TrainedTogether:
+    """The result of :func:`train_together`: per run, per step loss and grad norm."""
+
+    base: object  # the Student all runs started from
+    params: object  # stacked weights [R, ...]
+    losses: np.ndarray  # [R, steps]
+    grad_norms: np.ndarray  # [R, steps]
+    tokens: np.ndarray  # [R, steps] assistant tokens of the records trained on
+
+    def student(self, r: int):
+        """Run ``r``'s fine-tuned student (same tokenizer, config and mesh as the base)."""
+        graphdef, _ = nnx.split(self.base.model)
+        state = jax.tree.map(lambda x: x[r], self.params)
+        return dataclasses.replace(self.base, model=nnx.merge(graphdef, state), path=None)
+
+
+def _pad_rows(mb: dict, rows: int, length: int) -> dict:
+    """A micro-batch padded to [rows, length]: padding tokens have segment -1, weight 0."""
+    out = {}
+    for k, v in mb.items():
+        fill = -1 if k == "segments" else 0
+        a = np.full((rows, length), fill, v.dtype)
+        a[:v.shape[0], :v.shape[1]] = v
+        out[k] = a
+    return out
+
+
+def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainConfig], *,
+                   progress: Callable[..., None] | None = None) -> TrainedTogether:
+    """Fine-tune ``student`` (a loaded Student, float32) on each selection file ``data[r]``
+    with ``configs[r]`` (which may differ in ``seed`` and ``objective`` only; see SHARED),
+    all runs in one vmapped step. ``progress(step, total)`` after every step."""
+    if len(data) != len(configs) or not data:
+        raise LarkError("train_together needs one TrainConfig per selection file")
+    for c in configs:
+        c.validate()
+        if not c.max_steps:
+            raise LarkError("train_together needs max_steps (every run the same length)")
+        diff = [k for k in SHARED if getattr(c, k) != getattr(configs[0], k)]
+        if diff:
+            raise LarkError(f"runs trained together must share {', '.join(diff)}")
+        if c.lora_rank or c.fsdp or c.dtype != "float32":
+            raise LarkError("train_together trains full float32 weights (no LoRA, FSDP or "
+                            "bfloat16 compute)")
+    cfg0 = configs[0]
+    total = cfg0.max_steps
+    tok = student.tokenizer
+    runs = []
+    for path, c in zip(data, configs, strict=True):
+        ex, _ = read_selection(path, tok, c.max_length, c.objective, c.system_turn)
+        runs.append((ex, StepPlan(len(ex), c.batch_size, c.epochs, c.max_steps, c.seed), c))
+    row_len = pow2_length(max(len(e.tok.ids) for ex, _, _ in runs for e in ex), 64,
+                          cfg0.max_length)
+
+    graphdef, params = nnx.split(student.model)
+    n_runs = len(runs)
+    stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_runs, *x.shape)), params)
+    tx = make_optimizer(cfg0, total)
+    opt_state = jax.vmap(tx.init)(stacked)
+    chunk = cfg0.chunk_tokens
+
+    def one(p, o, batch, denom):
+        def loss_sums(q):
+            return weighted_ce_sums(nnx.merge(graphdef, q), chunk_tokens=chunk, **batch)
+
+        (s, _), g = jax.value_and_grad(loss_sums, has_aux=True)(p)
+        g = jax.tree.map(lambda x: x / denom, g)
+        gnorm = optax.tree.norm(g)
+        updates, o = tx.update(g, o, p)
+        return optax.apply_updates(p, updates), o, s / denom, gnorm
+
+    step_fn = jax.jit(jax.vmap(one), donate_argnums=(0, 1))
+    losses = np.zeros((n_runs, total))
+    gnorms = np.zeros((n_runs, total))
+    tokens = np.zeros((n_runs, total), np.int64)
+    pending = None
+    for step in range(total):
+        mbs, denoms = [], []
+        for r, (ex, plan, c) in enumerate(runs):
+            idx = plan.step_indices(step)
+            # batch_size rows always hold one step's records: one micro-batch per step.
+            parts = list(step_microbatches(ex, idx, row_len, cfg0.batch_size,
+                                           objective=c.objective))
+            if len(parts) > 1:
+                raise LarkError("a step's records did not fit one micro-batch")
+            mbs.append(parts[0] if parts else None)
+            denoms.append(step_denominator(ex, idx, c.objective) or 1.0)
+            tokens[r, step] = sum(len(ex[i].tok.ids) for i in idx if ex[i].weight > 0)
+        rows = pow2_at_least(max([m["ids"].shape[0] for m in mbs if m is not None] or [1]))
+        empty = {k: np.zeros((0, row_len), np.int32) for k in
+                 ("ids", "positions", "segments", "targets")} | {
+            "weights": np.zeros((0, row_len), np.float32)}
+        batch = {k: np.stack([_pad_rows(m if m is not None else empty, rows, row_len)[k]
+                              for m in mbs]) for k in empty}
+        stacked, opt_state, loss, gnorm = step_fn(stacked, opt_state, batch,
+                                                  np.asarray(denoms, np.float32))
+        if pending is not None:  # fetch the previous step's numbers while this one runs
+            losses[:, step - 1], gnorms[:, step - 1] = jax.device_get(pending)
+        pending = (loss, gnorm)
+        if progress is not None:
+            progress(step + 1, total)
+    losses[:, total - 1], gnorms[:, total - 1] = jax.device_get(pending)
+    bad = ~np.isfinite(losses)
+    if bad.any():
+        r, s = np.argwhere(bad)[0]
+        raise LarkError(f"loss of run {r} ({data[r]}) became {losses[r, s]} at step {s + 1}")
+    return TrainedTogether(student, stacked, losses, gnorms, tokens)
+
+
+def learning_rates(cfg: TrainConfig) -> list[float]:
+    """The schedule's learning rate at each step (for metrics files)."""
+    sched = make_schedule(cfg, cfg.max_steps)
+    return [float(sched(s)) for s in range(cfg.max_steps)]
+
+
+__all__ = ["SHARED", "TrainedTogether", "learning_rates", "train_together"]
