@@ -161,7 +161,6 @@ def test_demo_end_to_end_outputs(demo_run):
         # Same number of optimizer steps for every method.
         lines = (out / "runs" / f"{m}-s0" / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == cfg.steps
-        assert (out / "runs" / f"{m}-s0" / "final" / "config.json").is_file()
         assert (out / "evals" / f"{m}-s0" / "summary.json").is_file()
     # Budget 1: one record per problem, except "all" which keeps every candidate.
     assert rows["lark"]["n_records"] == cfg.task.n_pool

@@ -40,6 +40,7 @@ class DemoConfig:
     max_new_tokens: int = 200  # the longest teacher (rambler) writes under 190 tokens
     utility: bool = True  # per-teacher fine-tunes for the utility diagnostic
     gradient_check: bool = True  # rescore with --estimator gradient: proxy ρ vs exact rate
+    gradient_check_problems: int = 64  # ... on this many pool problems (x 8 trajectories)
     max_length: int = 512
     row_length: int = 256
 
@@ -55,7 +56,8 @@ class DemoConfig:
             raise LarkError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
         if "lark" not in self.methods:
             raise LarkError("the demo compares LARK with baselines: 'lark' must be a method")
-        for name in ("budget", "steps", "batch_size", "eval_samples", "max_new_tokens"):
+        for name in ("budget", "steps", "batch_size", "eval_samples", "max_new_tokens",
+                     "gradient_check_problems"):
             if getattr(self, name) < 1:
                 raise LarkError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:

@@ -68,12 +68,13 @@ def plots(ctx, results: dict) -> dict[str, Path]:
     ax.set_ylabel("measured rate log(L_before / L_after), 'all' run")
     ax.grid(alpha=0.3)
     ax = axes[2]
-    if traj and "rho_gradient" in traj:
-        teach = np.array(traj["teacher"])
+    check = diag.get("gradient_check")
+    if check:
+        teach = np.array(check["teacher"])
         for t in TEACHERS:
             sel = teach == t
-            ax.scatter(np.array(traj["rho"])[sel], np.array(traj["rho_gradient"])[sel], s=6,
-                       alpha=0.6, color=_TEACHER_COLORS.get(t), label=t)
+            ax.scatter(np.array(check["rho_proxy"])[sel], np.array(check["rho_gradient"])[sel],
+                       s=6, alpha=0.6, color=_TEACHER_COLORS.get(t), label=t)
         ax.set_yscale("log")
         ax.set_title("proxy vs exact rate, Spearman "
                      f"{_fmt_r(diag['spearman_rho_proxy_vs_gradient'])}")
@@ -205,6 +206,8 @@ def build_results(ctx, t_start: float) -> dict:
                             for t, d in diag["per_teacher"].items()},
             **{k: _num(diag.get(k)) for k in keys},
             "n_trajectories": len(per_traj["rho"]) if per_traj else 0,
+            "n_gradient_check": len(diag["gradient_check"]["rho_proxy"])
+            if "gradient_check" in diag else 0,
         },
         "timings_s": {k: round(v, 1) for k, v in ctx.timings.items()},
         "seconds": round(time.perf_counter() - t_start, 1),
@@ -313,7 +316,8 @@ def render_markdown(results: dict) -> str:
               f"'all' run: {_fmt_r(d['spearman_traj_rho_rate'])}; with ĝ_k: "
               f"{_fmt_r(d['spearman_traj_ghat_rate'])}.",
               f"- Spearman(proxy ρ = Brier/L, exact rate ‖∇θ L‖²/L from --estimator "
-              f"gradient): {_fmt_r(d['spearman_rho_proxy_vs_gradient'])}.",
+              f"gradient) over {d['n_gradient_check']} trajectories: "
+              f"{_fmt_r(d['spearman_rho_proxy_vs_gradient'])}.",
               "",
               "Definitions: ACC@k = share of benchmark problems with a correct answer among k "
               f"samples (temperature {cfg['temperature']}, top-p {cfg['top_p']}). ref loss = "

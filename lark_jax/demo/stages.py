@@ -4,7 +4,8 @@
 
 (``report`` then turns the context into results.json, results.md and the plots). Every
 stage calls the project's own entry points (``score_pool``, ``selection.select``,
-``train``, ``run_eval``), so the demo exercises exactly what a user runs.
+``run_eval``), so the demo exercises what a user runs; the fine-tunes run together in one
+vmapped step (``training.together``, which equals ``train`` run by run).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import dataclasses
 import json
 import math
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,8 @@ class DemoContext:
     base_solved: np.ndarray | None = None  # [1, P] 0/1: solved within k samples
     runs: dict[str, dict[int, dict]] = dataclasses.field(default_factory=dict)
     solved: dict[str, dict[int, np.ndarray]] = dataclasses.field(default_factory=dict)
+    utility: dict[str, dict] = dataclasses.field(default_factory=dict)  # per teacher
+    tuned: dict[str, Any] = dataclasses.field(default_factory=dict)  # "all": first seed's
     diagnostics: dict = dataclasses.field(default_factory=dict)
 
     _open: list = dataclasses.field(default_factory=list, repr=False)
@@ -125,29 +127,35 @@ def score_config(cfg: DemoConfig, estimator: str = "proxy"):
 
 
 def score_with(ctx: DemoContext, student, out: Path, name: str, desc: str,
-               estimator: str = "proxy", need=("L",)):
-    """Score the pool with ``student`` into ``out`` and return its ScoreTable, checked to
-    hold the same candidates as the untouched student's table (when that exists)."""
+               estimator: str = "proxy", need=("L",), pool: Path | None = None):
+    """Score ``pool`` (default: the whole pool) with ``student`` into ``out``; return its
+    ScoreTable and the rows of the untouched student's table it matches (checked to hold
+    the same candidates), or None before that table exists."""
     from lark_jax.learnability.runner import score_pool
     from lark_jax.selection import load_scores
 
-    with ctx.rep.bar(len(ctx.task.pool), desc, unit="traj") as advance:
-        score_pool(student, ctx.files["pool"], out, score_config(ctx.cfg, estimator),
+    pool = pool if pool is not None else ctx.files["pool"]
+    n = sum(1 for _ in pool.open(encoding="utf-8"))
+    with ctx.rep.bar(n, desc, unit="traj") as advance:
+        score_pool(student, pool, out, score_config(ctx.cfg, estimator),
                    student_name=name, progress=lambda n, tokens: advance(n))
     table = load_scores(out, need=need)
-    if ctx.table is not None and not (
-            np.array_equal(table.candidate_ids, ctx.table.candidate_ids)
-            and np.array_equal(table.problem_ids, ctx.table.problem_ids)):
+    if ctx.table is None:
+        return table, None
+    rows = np.searchsorted(ctx.table.problem_ids, table.problem_ids)
+    if not (rows.max(initial=-1) < len(ctx.table.problem_ids)
+            and np.array_equal(ctx.table.problem_ids[rows], table.problem_ids)
+            and np.array_equal(ctx.table.candidate_ids[rows], table.candidate_ids)):
         raise LarkError("a rescored pool does not match the original scores", where=str(out))
-    return table
+    return table, rows
 
 
 def score(ctx: DemoContext) -> None:
     from lark_jax.selection.io import gather_pool
 
     with ctx.stage("score"):
-        ctx.table = score_with(ctx, ctx.base, ctx.out / "scores.json", "demo-student",
-                               "score pool", need=("g_hat", "L", "rho", "rsr", "tokens"))
+        ctx.table, _ = score_with(ctx, ctx.base, ctx.out / "scores.json", "demo-student",
+                                  "score pool", need=("g_hat", "L", "rho", "rsr", "tokens"))
         ctx.found, _ = gather_pool(ctx.files["pool"], ctx.table, set(ctx.table.keys()))
 
 
@@ -201,27 +209,6 @@ def evaluate_base(ctx: DemoContext) -> None:
 # -- 5. select, fine-tune, evaluate -------------------------------------------------------------
 
 
-def finetune(ctx: DemoContext, data: Path, run: Path, seed: int, desc: str,
-             objective: str = "record") -> tuple[dict, Any]:
-    """Fine-tune the cached student on ``data`` for ``cfg.steps`` steps; return the run's
-    final loss and seconds, and the fine-tuned Student (loaded from the run's export)."""
-    from lark_jax.models import load_student
-    from lark_jax.training.trainer import TrainConfig, train
-
-    cfg = ctx.cfg
-    tcfg = TrainConfig(epochs=10**6, max_steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                       max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio,
-                       micro_batch_tokens=cfg.row_length * 8, seed=seed, keep=1,
-                       objective=objective)
-    with ctx.stage("train"), ctx.rep.bar(cfg.steps, desc, unit="step") as advance:
-        s = train(ctx.built.path, data, run, tcfg, mesh=ctx.mesh,
-                  progress=lambda step, total, loss, tok_s: advance(1, loss=f"{loss:.3f}"))
-    # The orbax checkpoints are only for resuming; the exported final/ is what we keep.
-    shutil.rmtree(run / "checkpoints", ignore_errors=True)
-    tuned = load_student(s.final_dir, mesh=ctx.mesh)
-    return {"final_train_loss": s.final_loss, "train_seconds": s.seconds}, tuned
-
-
 def selection_records(table, sel, found) -> tuple[list[dict], dict]:
     """Training records of a Selection (as ``lark-jax select`` writes them) and the share of
     train weight per teacher."""
@@ -242,14 +229,44 @@ def selection_records(table, sel, found) -> tuple[list[dict], dict]:
     return recs, {t: v / total for t, v in mix.items()}
 
 
+def _train_config(cfg: DemoConfig, seed: int, objective: str):
+    from lark_jax.training.trainer import TrainConfig
+
+    return TrainConfig(epochs=10**6, max_steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                       max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio,
+                       micro_batch_tokens=cfg.row_length * 8, seed=seed, objective=objective)
+
+
+def _utility_file(ctx: DemoContext, teacher: str) -> Path:
+    """Every pool trajectory of one teacher, weight 1 (the utility diagnostic's data)."""
+    data = ctx.out / "utility" / f"{teacher}.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(data, ({"messages": r["messages"],
+                         "meta": {"problem_id": r["problem_id"],
+                                  "candidate_id": r["candidate_id"], "teacher": teacher,
+                                  "train_weight": 1.0}}
+                        for r in ctx.task.pool if r["teacher"] == teacher))
+    return data
+
+
+def _write_metrics(path: Path, together, r: int, lrs: list[float]) -> None:
+    """metrics.jsonl as ``train`` writes it (step, loss, lr, grad_norm, tokens)."""
+    _write_jsonl(path, ({"step": s + 1, "loss": float(together.losses[r, s]), "lr": lrs[s],
+                         "grad_norm": float(together.grad_norms[r, s]),
+                         "tokens": int(together.tokens[r, s])}
+                        for s in range(together.losses.shape[1])))
+
+
 def run_methods(ctx: DemoContext) -> None:
-    """Every method and seed: select at budget B, fine-tune, evaluate, held-out metrics."""
+    """Every method and seed: select at budget B; with the per-teacher utility runs, fine-tune
+    them all together (``training.together``: one vmapped step for every run); then evaluate
+    each and measure its held-out metrics."""
     from lark_jax.selection import select
     from lark_jax.selection.io import write_selection
+    from lark_jax.training.together import learning_rates, train_together
 
     cfg = ctx.cfg
-    ctx.runs = {m: {} for m in cfg.methods}
-    ctx.solved = {m: {} for m in cfg.methods}
+    jobs = []  # (kind, name, method or teacher, seed, objective, data, info)
     for seed in cfg.seeds:
         for method in cfg.methods:
             policy, objective = METHOD_SPECS[method]
@@ -259,18 +276,38 @@ def run_methods(ctx: DemoContext) -> None:
             write_selection(data, recs, {"policy": policy, "objective": objective,
                                          "budget": cfg.budget, "seed": seed,
                                          "n_records": len(recs), "teacher_mix": mix})
-            name = f"{method}-s{seed}"
-            info, tuned = finetune(ctx, data, ctx.out / "runs" / name, seed, f"train {name}",
-                                   objective)
-            info.update(n_records=len(recs), teacher_mix=mix, objective=objective)
+            jobs.append(("method", f"{method}-s{seed}", method, seed, objective, data,
+                         {"n_records": len(recs), "teacher_mix": mix, "objective": objective}))
+    if cfg.utility:
+        for t in TEACHERS:
+            jobs.append(("utility", f"utility-{t}", t, cfg.seeds[0], "record",
+                         _utility_file(ctx, t), {}))
+    cfgs = [_train_config(cfg, seed, obj) for _, _, _, seed, obj, _, _ in jobs]
+    with ctx.stage("train"), ctx.rep.bar(cfg.steps, f"train {len(jobs)} runs together",
+                                         unit="step") as advance:
+        together = train_together(ctx.base, [j[5] for j in jobs], cfgs,
+                                  progress=lambda step, total: advance(1))
+    lrs = learning_rates(cfgs[0])
+    ctx.runs = {m: {} for m in cfg.methods}
+    ctx.solved = {m: {} for m in cfg.methods}
+    ctx.tuned = {}
+    for r, (kind, name, key, seed, _, _, info) in enumerate(jobs):
+        tuned = together.student(r)
+        final = {"final_train_loss": float(together.losses[r, -1]), **info}
+        if kind == "method":
+            _write_metrics(ctx.out / "runs" / name / "metrics.jsonl", together, r, lrs)
             metrics, solved = evaluate(ctx, tuned, name, seed)
-            info.update(metrics)
             with ctx.stage("heldout"):
-                info.update(heldout(ctx, tuned))
-            ctx.runs[method][seed] = info
-            ctx.solved[method][seed] = solved
-            ctx.rep.info(f"{name}: acc {info['acc']:.3f}  ref_loss {info['ref_loss']:.3f}  "
-                         f"step_acc {info['step_acc']:.3f}")
+                final.update(metrics, **heldout(ctx, tuned))
+            ctx.runs[key][seed] = final
+            ctx.solved[key][seed] = solved
+            ctx.rep.info(f"{name}: acc {final['acc']:.3f}  ref_loss {final['ref_loss']:.3f}  "
+                         f"step_acc {final['step_acc']:.3f}")
+            if key == "all" and seed == cfg.seeds[0]:
+                ctx.tuned["all"] = tuned
+        else:
+            with ctx.stage("heldout"):
+                ctx.utility[key] = {**final, **heldout(ctx, tuned, teachers=True)}
 
 
 # -- 6. diagnostics --------------------------------------------------------------------------
@@ -297,10 +334,13 @@ def diagnostics(ctx: DemoContext) -> None:
         per_teacher[t] = {"lark_score": float(np.nanmean(np.where(sel, g, np.nan))),
                           "rho": float(np.nanmean(np.where(sel, rho, np.nan))),
                           "L": float(np.nanmean(np.where(sel, loss0, np.nan)))}
-    seed = cfg.seeds[0]
-    with ctx.stage("utility"):
-        if cfg.utility:
-            _utility(ctx, per_teacher, seed)
+    base = ctx.base_metrics
+    for t, h in ctx.utility.items():  # the per-teacher runs of run_methods
+        per_teacher[t].update(
+            utility=base["ref_loss"] - h["ref_loss"],
+            step_acc_gain=h["step_acc"] - base["step_acc"],
+            own_rate=math.log(base["teacher_loss"][t] / h["teacher_loss"][t]),
+            final_train_loss=h["final_train_loss"])
     teachers = list(TEACHERS)
     col = lambda k: [per_teacher[t].get(k, math.nan) for t in teachers]  # noqa: E731
     diag.update(per_teacher=per_teacher,
@@ -308,13 +348,11 @@ def diagnostics(ctx: DemoContext) -> None:
                 spearman_teacher_step_acc=spearman(col("lark_score"), col("step_acc_gain")),
                 spearman_teacher_rho_own_rate=spearman(col("rho"), col("own_rate")))
     with ctx.stage("rescore"):
-        if "all" in ctx.runs and seed in ctx.runs["all"]:
+        if "all" in ctx.tuned:
             # Per trajectory: the measured rate of loss decrease after fine-tuning on it all.
-            from lark_jax.models import load_student
-
-            tuned = load_student(ctx.out / "runs" / f"all-s{seed}" / "final", mesh=ctx.mesh)
-            after = score_with(ctx, tuned, ctx.out / "diagnostics" / "scores_after_all.json",
-                               "all-finetuned", "rescore pool").fields["L"]
+            after = score_with(ctx, ctx.tuned["all"],
+                               ctx.out / "diagnostics" / "scores_after_all.json",
+                               "all-finetuned", "rescore pool")[0].fields["L"]
             rate = np.log(loss0 / after)
             diag["per_trajectory"] = {
                 "teacher": teacher_of[m].tolist(), "rho": rho[m].tolist(),
@@ -323,35 +361,19 @@ def diagnostics(ctx: DemoContext) -> None:
             diag["spearman_traj_rho_rate"] = spearman(rho[m], rate[m])
             diag["spearman_traj_ghat_rate"] = spearman(g[m], rate[m])
         if cfg.gradient_check:
-            # The proxy ρ = Brier/L against the exact rate ‖∇θ L‖²/L of the same student.
-            exact = score_with(ctx, ctx.base, ctx.out / "diagnostics" / "scores_gradient.json",
-                               "demo-student", "gradient rates", estimator="gradient",
-                               need=("rho",)).fields["rho"]
-            diag.setdefault("per_trajectory", {"teacher": teacher_of[m].tolist(),
-                                               "rho": rho[m].tolist()})
-            diag["per_trajectory"]["rho_gradient"] = exact[m].tolist()
-            diag["spearman_rho_proxy_vs_gradient"] = spearman(rho[m], exact[m])
+            # The proxy ρ = Brier/L against the exact rate ‖∇θ L‖²/L of the same student, on
+            # the first problems of the pool (one backward pass per trajectory).
+            first = set(table.problem_ids[:cfg.gradient_check_problems].tolist())
+            sub = ctx.out / "diagnostics" / "pool_gradient.jsonl"
+            fsio.atomic_write(sub, "".join(line for r, line in zip(
+                ctx.task.pool, ctx.task.pool_lines(), strict=True) if r["problem_id"] in first))
+            exact, rows = score_with(ctx, ctx.base, ctx.out / "diagnostics" /
+                                     "scores_gradient.json", "demo-student", "gradient rates",
+                                     estimator="gradient", need=("rho",), pool=sub)
+            mk = exact.mask
+            proxy = rho[rows][mk]
+            diag["gradient_check"] = {"teacher": _teacher_grid(exact)[mk].tolist(),
+                                      "rho_proxy": proxy.tolist(),
+                                      "rho_gradient": exact.fields["rho"][mk].tolist()}
+            diag["spearman_rho_proxy_vs_gradient"] = spearman(proxy, exact.fields["rho"][mk])
     ctx.diagnostics = diag
-
-
-def _utility(ctx: DemoContext, per_teacher: dict, seed: int) -> None:
-    """Per teacher: fine-tune on that teacher's pool trajectories alone and measure the drop
-    of the held-out reference loss (its utility) and of its own held-out loss."""
-    base = ctx.base_metrics
-    for t in TEACHERS:
-        data = ctx.out / "utility" / f"{t}.jsonl"
-        data.parent.mkdir(parents=True, exist_ok=True)
-        _write_jsonl(data, ({"messages": r["messages"],
-                             "meta": {"problem_id": r["problem_id"],
-                                      "candidate_id": r["candidate_id"], "teacher": t,
-                                      "train_weight": 1.0}}
-                            for r in ctx.task.pool if r["teacher"] == t))
-        info, tuned = finetune(ctx, data, ctx.out / "utility" / t, seed, f"utility {t}")
-        h = heldout(ctx, tuned, teachers=True)
-        per_teacher[t].update(
-            utility=base["ref_loss"] - h["ref_loss"],
-            step_acc_gain=h["step_acc"] - base["step_acc"],
-            own_rate=math.log(base["teacher_loss"][t] / h["teacher_loss"][t]),
-            final_train_loss=info["final_train_loss"])
-        ctx.rep.info(f"utility {t}: mean g_hat {per_teacher[t]['lark_score']:+.4f}  "
-                     f"ref_loss drop {per_teacher[t]['utility']:+.4f}")

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 
 from lark_jax.errors import LarkError
-from lark_jax.shapes import pow2_at_least, pow2_length
+from lark_jax.shapes import pow2_length
 from lark_jax.training.data import StepPlan, read_selection, step_denominator, step_microbatches
 from lark_jax.training.loss import weighted_ce_sums
 from lark_jax.training.trainer import TrainConfig, make_optimizer, make_schedule
@@ -128,7 +128,9 @@ def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainC
             mbs.append(parts[0] if parts else None)
             denoms.append(step_denominator(ex, idx, c.objective) or 1.0)
             tokens[r, step] = sum(len(ex[i].tok.ids) for i in idx if ex[i].weight > 0)
-        rows = pow2_at_least(max([m["ids"].shape[0] for m in mbs if m is not None] or [1]))
+        # Always batch_size rows (one record per row at worst): one compiled shape for
+        # the whole call, which for a small student matters more than padding rows.
+        rows = cfg0.batch_size
         empty = {k: np.zeros((0, row_len), np.int32) for k in
                  ("ids", "positions", "segments", "targets")} | {
             "weights": np.zeros((0, row_len), np.float32)}
