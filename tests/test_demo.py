@@ -216,8 +216,11 @@ def test_demo_student_is_cached_hf_directory(demo_run):
     again = build_student(cfg.student, task.pretrain, cfg.task.corpus_recipe(),
                           cache_dir=cache)
     assert again.cached and again.path == path
-    # Digits are one token each, with a leading space on the first.
-    assert student.tokenizer.tokenize(" 305") == ["Ġ3", "0", "5"]
+    # A number is spelt the same way wherever it appears: never merged with the space or
+    # brace before it (so copying a result into \boxed{} is a copy).
+    tok = student.tokenizer.tokenize
+    assert tok(" 305") == ["Ġ"] + tok("305")
+    assert tok("{305}") == ["{"] + tok("305") + ["}"]
 
 
 def test_demo_out_dir_is_reusable(demo_run, tmp_path):

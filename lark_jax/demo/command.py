@@ -15,12 +15,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "earlier demo run is overwritten")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="smaller task and student, one seed (about 10 minutes on a 2-core CPU)")
+                      help="smaller task and student (see demo_config for its sizes)")
     size.add_argument("--tiny", action="store_true",
                       help="smallest configuration: checks the plumbing, measures nothing "
                            "(also chosen by the environment variable LARK_JAX_DEMO_TINY=1)")
     p.add_argument("--seeds", default=None,
-                   help="comma-separated seeds (default: 0,1,2; --quick: 0)")
+                   help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods to compare (default: all of them: "
+                        "lark, lark-reference, random, all, min-loss, max-loss, rsr, "
+                        "shortest, longest); 'lark' is required")
+    p.add_argument("--no-utility", action="store_true",
+                   help="skip the per-teacher fine-tunes of the utility diagnostic")
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps of every fine-tune (default: the preset's)")
     p.add_argument("--cache-dir", default=None,
@@ -47,21 +53,16 @@ def run(args, rep: Reporter) -> None:
 
     tiny = args.tiny or os.environ.get("LARK_JAX_DEMO_TINY") == "1"
     overrides = {} if args.steps is None else {"steps": args.steps}
+    if args.methods is not None:
+        overrides["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.no_utility:
+        overrides["utility"] = False
     cfg = demo_config(args.quick, tiny=tiny, seeds=_seeds(args.seeds), **overrides)
     res = run_demo(args.out, config=cfg, cache_dir=args.cache_dir,
                    rebuild_student=args.rebuild_student, reporter=rep)
-    r = res.results
-    lark = next(m for m in r["methods"] if m["method"] == "lark")
-    k = r["k"]
-    acc = lark["acc"]["mean"]
+    from lark_jax.demo.report import headline
+
     rep.info("\n" + res.markdown)
-    rep.summary(
-        f"demo ({r['preset']}, {len(cfg.seeds)} seed(s)): LARK ACC@{k} "
-        f"{100 * acc:.1f}%, ref loss {lark['ref_loss']['mean']:.3f}; best ACC@{k}: "
-        f"{r['best']['acc']}, best ref loss: {r['best']['ref_loss']}; teacher Spearman "
-        f"{_r(r['diagnostics']['spearman_teacher_utility'])}; {res.seconds:.0f}s -> "
-        f"{res.out_dir / 'results.md'}")
-
-
-def _r(x) -> str:
-    return "n/a" if x is None else f"{x:+.2f}"
+    rep.summary(f"demo ({res.results['preset']}, {len(cfg.seeds)} seed(s), "
+                f"{res.results['n_bench_problems']} problems): {headline(res.results)} "
+                f"{res.seconds:.0f}s -> {res.out_dir / 'results.md'}")

@@ -3,15 +3,16 @@
 Recipe (:class:`StudentRecipe`):
 
 1. A byte-level BPE tokenizer whose merges are learnt on the pre-training corpus (the task's
-   language), digits split one per token (so every number is spelt the same way wherever it
-   appears), with the project's ChatML chat template.
+   language), numbers isolated from what surrounds them (so every number is spelt the same
+   way wherever it appears), with the project's ChatML chat template.
 2. A randomly initialised Llama-architecture decoder (3.1M parameters at the default size,
    0.8M in quick mode), saved as an HF-style directory with ``save_student``.
 3. Brief pre-training with the project's own ``train()`` on a selection file of weight 1:
-   problems of the task that are in neither the pool nor the benchmark, each with one
-   correct solution in a teacher style drawn uniformly (``task.pretrain_text``). The student
-   thus knows the task's language and every style a little, and none of them well: what it
-   can still learn from differs between teachers, which is what LARK measures.
+   ``task.pretrain_corpus`` of problems in neither the pool nor the benchmark, that is
+   retellings of problems (reading, no computing) and isolated arithmetic facts, never a
+   worked solution. The student knows the task's language and its single operations but
+   has never solved a problem: what it learns from each teacher in fine-tuning differs
+   (how much of what it knows a teacher reuses), which is what LARK measures.
 
 The result is an ordinary HF-style directory, ``<cache>/demo-student-<hash>``, where
 ``<cache>`` is ``$LARK_JAX_CACHE`` or ``~/.cache/lark-jax`` and ``<hash>`` is a hash of the
@@ -35,7 +36,7 @@ from pathlib import Path
 from lark_jax.errors import LarkError
 from lark_jax.models.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, tiny_config
 
-STUDENT_VERSION = "demo-student-v1"
+STUDENT_VERSION = "demo-student-v2"
 RECIPE_FILE = "demo_recipe.json"
 
 
@@ -92,18 +93,20 @@ def recipe_hash(key: dict) -> str:
 
 
 def demo_tokenizer(corpus: list[str], vocab_size: int = 512):
-    """Byte-level BPE (merges learnt on ``corpus``) with one token per digit, ChatML template.
+    """Byte-level BPE (merges learnt on ``corpus``) with numbers isolated, ChatML template.
 
-    Same construction as ``models.tiny.byte_tokenizer`` except that numbers are cut into
-    single digits (a preceding space stays with the first one) before the byte-level step,
-    so that " 32" is always " 3", "2" wherever it appears.
+    Same construction as ``models.tiny.byte_tokenizer`` except that every run of digits is
+    its own pre-token (a preceding space or brace is not merged into it) before the
+    byte-level step, so that a number is spelt the same way wherever it appears: "13" in
+    "8 + 5 = 13." and in "\\boxed{13}" are the same token(s), and copying an intermediate
+    result into the answer is a copy. The task's numbers (1..20) each become one token.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r" ?[0-9]"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(r"[0-9]+"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

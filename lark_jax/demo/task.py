@@ -4,18 +4,24 @@ Problems. A person starts with some items and 2-4 things happen to them, each on
 finds ``n`` more (+n), gives ``n`` away (-n), buys ``k`` boxes of ``m`` (+k*m, two
 operations), the number doubles (*2), splits them into ``d`` equal piles and keeps one (/d,
 only when ``d`` divides). The question asks how many are left; the answer is an integer, so
-it is verifiable exactly. Numbers stay small (start 2-15, operands 1-9, doubling only up to
-25) so that a tiny student has a chance to learn the arithmetic. The number of steps is the
-benchmark's level.
+it is verifiable exactly. Every count stays within 1..``MAX_VALUE`` (20) so that the table of
+single operations the task needs is a few hundred facts, which a tiny student can learn. The
+number of steps is the benchmark's level.
+
+Pre-training corpus (``pretrain_corpus``): retellings of problems in short words (no
+computation) and lists of isolated arithmetic facts ``a op b = r.``; never a worked
+solution, so solving must be learnt in fine-tuning, and the teachers differ in how much of
+what the student already knows they reuse.
 
 Teachers (what differs between them is the point of the demo; none of them is "the" style):
 
-    stepwise      one line per operation, "Step i, <what happens>: a op b = r.", then the
-                  answer. Always correct.
+    stepwise      the retelling the student knows, then one line per operation, "Step i,
+                  <event words>: a op b = r." (the facts' form), then the answer. Always
+                  correct. Reuses the most of what the student knows.
     terse         the whole computation as one expression with its value, no intermediate
-                  results. Always correct.
-    stack         an unusual notation: a stack machine trace with symbols (``⊕ ⊖ ⊗ ⊘``).
-                  Always correct.
+                  results: needs multi-step mental arithmetic. Always correct.
+    stack         an unusual notation: a stack machine trace with symbols (``⊕ ⊖ ⊗ ⊘``),
+                  intermediate results but not in the facts' form. Always correct.
     careless      step-by-step in other words ("First, ... Next, ...") with an arithmetic
                   slip in a share ``wrong_rate`` of its samples; the slip propagates, so the
                   final answer of those samples is wrong (exactly by a non-zero amount).
@@ -44,7 +50,7 @@ from pathlib import Path
 from lark_jax import fsio
 from lark_jax.errors import LarkError
 
-TASK_VERSION = "arith-v1"
+TASK_VERSION = "arith-v2"
 TEACHERS = ("stepwise", "terse", "stack", "careless", "rambler", "answer_only")
 # samples per problem from each teacher
 SAMPLES = {"stepwise": 1, "terse": 1, "stack": 1, "careless": 2, "rambler": 2, "answer_only": 1}
@@ -156,18 +162,28 @@ class TaskConfig:
 # -- problems ----------------------------------------------------------------------------
 
 
+MAX_VALUE = 20  # every count a problem reaches stays within 1..MAX_VALUE
+
+
 def _make_step(rng: random.Random, v: int, name: str, item: str) -> tuple[Step, int]:
-    kinds = ["add", "sub", "group", "double"]
-    divisors = [d for d in (2, 3, 4, 5) if v % d == 0 and v // d >= 2]
+    # Small numbers keep the table of arithmetic facts the task needs small (a few hundred
+    # equations), so that a tiny student can know all of them from pre-training.
+    room = MAX_VALUE - v
+    kinds = []
+    if room >= 1:
+        kinds.append("add")
+    if v >= 3:
+        kinds.append("sub")
+    if room >= 4:
+        kinds.append("group")
+    if 2 * v <= MAX_VALUE:
+        kinds.append("double")
+    divisors = [d for d in (2, 3) if v % d == 0 and v // d >= 2]
     if divisors:
         kinds.append("share")
-    if v < 3:
-        kinds.remove("sub")
-    if v > 25:
-        kinds.remove("double")
     kind = rng.choice(kinds)
     if kind == "add":
-        n = rng.randint(1, 9)
+        n = rng.randint(1, min(9, room))
         verb = rng.choice(("finds", "gets", "wins", "is given"))
         return Step(kind, (n,), f"{name} {verb} {n} more {item}."), v + n
     if kind == "sub":
@@ -175,7 +191,8 @@ def _make_step(rng: random.Random, v: int, name: str, item: str) -> tuple[Step, 
         verb = rng.choice(("gives away", "loses", "sells", "uses up"))
         return Step(kind, (n,), f"Then {name} {verb} {n} {item}."), v - n
     if kind == "group":
-        k, m = rng.randint(2, 4), rng.randint(2, 6)
+        k = rng.randint(2, min(3, room // 2))
+        m = rng.randint(2, min(4, room // k))
         box = rng.choice(("boxes", "bags", "packs"))
         return Step(kind, (k, m), f"{name} buys {k} {box} with {m} {item} in each."), v + k * m
     if kind == "double":
@@ -187,7 +204,7 @@ def _make_step(rng: random.Random, v: int, name: str, item: str) -> tuple[Step, 
 
 def make_problem(rng: random.Random, pid: int, min_steps: int = 2, max_steps: int = 4) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    start = rng.randint(2, 15)
+    start = rng.randint(2, 12)
     v, steps = start, []
     for _ in range(rng.randint(min_steps, max_steps)):
         s, v = _make_step(rng, v, name, item)
@@ -216,12 +233,11 @@ def make_problems(n: int, rng: random.Random, cfg: TaskConfig, avoid: set[str],
 
 
 def _describe(p: Problem, e: Equation) -> str:
-    """A few words naming the event an equation computes."""
+    """The words naming the event an equation computes (those of ``retelling``)."""
     s = p.steps[e.step]
-    if s.kind == "group":
-        return f"{s.args[0]} boxes of {s.args[1]}" if e.op == "*" else "add them"
-    return {"add": f"get {s.args[0]}", "sub": f"lose {s.args[0]}", "double": "double",
-            "share": f"keep 1 of {s.args[0]}"}[s.kind]
+    if s.kind == "group" and e.op == "+":
+        return "add them"
+    return event_words(s)
 
 
 def boxed(x: int) -> str:
@@ -229,7 +245,9 @@ def boxed(x: int) -> str:
 
 
 def teach_stepwise(p: Problem, rng: random.Random) -> str:
-    lines = [f"Step {i + 1}, {_describe(p, e)}: {e.show()}." for i, e in enumerate(p.solve())]
+    # Opens with the retelling the student knows from pre-training, then one fact per line.
+    lines = [retelling(p)] + [f"Step {i + 1}, {_describe(p, e)}: {e.show()}."
+                              for i, e in enumerate(p.solve())]
     return "\n".join(lines) + f"\nThe answer is {boxed(p.answer)}."
 
 
@@ -383,15 +401,52 @@ def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
 
 
-def pretrain_text(p: Problem, rng: random.Random) -> str:
-    """A solution for the pre-training corpus: one teacher's style drawn uniformly (never a
-    wrong answer), so that before fine-tuning the student has seen every style equally."""
-    t = rng.choice(TEACHERS)
-    if t == "careless":
-        return teach_careless(p, rng, wrong=False)
-    fn = {"stepwise": teach_stepwise, "terse": teach_terse, "stack": teach_stack,
-          "rambler": teach_rambler, "answer_only": teach_answer_only}[t]
-    return fn(p, rng)
+FACTS_PROMPT = "Write some arithmetic facts."
+FACTS_PER_RECORD = 8
+
+
+def event_words(s: Step) -> str:
+    """A few words naming an event (``stepwise`` labels its steps with the same words)."""
+    if s.kind == "group":
+        return f"{s.args[0]} boxes of {s.args[1]}"
+    return {"add": f"get {s.args[0]}", "sub": f"lose {s.args[0]}", "double": "double",
+            "share": f"keep 1 of {s.args[0]}"}[s.kind]
+
+
+def retelling(p: Problem) -> str:
+    """The events of a problem in short words, without computing anything."""
+    return (f"{p.name} starts with {p.start} {p.item}. Then: "
+            + ", ".join(event_words(s) for s in p.steps) + ".")
+
+
+def pretrain_corpus(problems: list[Problem], rng: random.Random) -> list[dict]:
+    """The pre-training corpus: the task's language and its arithmetic, but no solutions.
+
+    Two kinds of records. A *retelling* answers a problem statement with its events in
+    short words (``retelling``: "Ada starts with 5 apples. Then: get 3, double."): the
+    student learns to read problems and to copy their numbers, but computes nothing. A
+    *facts* record (after ``FACTS_PROMPT``) lists ``FACTS_PER_RECORD`` isolated equations
+    ``a op b = r.``, drawn from the solutions of all corpus problems and shuffled together,
+    so that the student knows every single operation the task needs. It has never seen a
+    problem solved: going from a statement to an answer, chaining results, must be learnt
+    in fine-tuning, and teachers that reuse these words and facts step by step are the
+    easiest to learn from.
+    """
+    # Facts: one random single event per corpus problem from every count 2..MAX_VALUE, so
+    # the whole table is covered evenly (a problem's own equations favour small counts).
+    facts = []
+    for _ in range(len(problems) * FACTS_PER_RECORD):
+        v = rng.randint(2, MAX_VALUE)
+        step, _ = _make_step(rng, v, "x", "y")
+        facts += [e.show() + "." for e in Problem(0, "x", "y", v, (step,)).solve()]
+    stories = [{"messages": chat(p, retelling(p))} for p in problems]
+    fact_recs = [{"messages": [{"role": "user", "content": FACTS_PROMPT},
+                               {"role": "assistant",
+                                "content": " ".join(facts[i:i + FACTS_PER_RECORD])}]}
+                 for i in range(0, len(facts), FACTS_PER_RECORD)]
+    out = stories + fact_recs
+    rng.shuffle(out)
+    return out
 
 
 def build_task(cfg: TaskConfig = TaskConfig()) -> Task:
@@ -413,8 +468,7 @@ def build_task(cfg: TaskConfig = TaskConfig()) -> Task:
     bench = [{"problem": p.statement, "answer": str(p.answer), "level": len(p.steps)}
              for p in bench_p]
     reference = [{"messages": chat(p, reference_solution(p))} for p in bench_p]
-    prng = random.Random(f"{cfg.seed}/pretrain-text")
-    pretrain = [{"messages": chat(p, pretrain_text(p, prng))} for p in pre_p]
+    pretrain = pretrain_corpus(pre_p, random.Random(f"{cfg.seed}/pretrain-text"))
     brng = random.Random(f"{cfg.seed}/bench-teachers")
     bench_traj = []
     for p in bench_p:
