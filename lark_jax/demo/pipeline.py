@@ -176,22 +176,3 @@ def run_demo(out_dir: str | os.PathLike = "lark-jax-demo", *, quick: bool = Fals
                           json.dumps(results, indent=1, ensure_ascii=False) + "\n")
         fsio.atomic_write(out / "results.md", markdown)
     return DemoResult(out, results, markdown, plots, time.perf_counter() - t_start)
-
-
-def _prepare_out(out: Path) -> None:
-    """Create ``out``; a directory from an earlier demo run is cleared, anything else refused."""
-    if out.is_symlink():
-        raise LarkError("refusing to write through a symbolic link", where=str(out))
-    if out.exists() and not out.is_dir():
-        raise LarkError("output path exists and is not a directory", where=str(out))
-    if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise LarkError("output directory is not empty and holds no earlier demo run; "
-                            "choose another --out", where=str(out))
-        for name in OWNED:
-            p = out / name
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            elif p.exists() or p.is_symlink():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)

@@ -55,11 +55,7 @@ def plots(ctx, results: dict) -> dict[str, Path]:
     ax = axes[1]
     traj = diag.get("per_trajectory")
     if traj:
-        teach = np.array(traj["teacher"])
-        for t in TEACHERS:
-            sel = teach == t
-            ax.scatter(np.array(traj["rho"])[sel], np.array(traj["rate"])[sel], s=6,
-                       alpha=0.6, color=_TEACHER_COLORS.get(t), label=t)
+        _by_teacher(ax, traj["teacher"], traj["rho"], traj["rate"])
         ax.legend(fontsize=7, markerscale=2)
         ax.set_title(f"per trajectory, Spearman {_fmt_r(diag['spearman_traj_rho_rate'])}")
     else:
@@ -70,11 +66,7 @@ def plots(ctx, results: dict) -> dict[str, Path]:
     ax = axes[2]
     check = diag.get("gradient_check")
     if check:
-        teach = np.array(check["teacher"])
-        for t in TEACHERS:
-            sel = teach == t
-            ax.scatter(np.array(check["rho_proxy"])[sel], np.array(check["rho_gradient"])[sel],
-                       s=6, alpha=0.6, color=_TEACHER_COLORS.get(t), label=t)
+        _by_teacher(ax, check["teacher"], check["rho_proxy"], check["rho_gradient"])
         ax.set_yscale("log")
         ax.set_title("proxy vs exact rate, Spearman "
                      f"{_fmt_r(diag['spearman_rho_proxy_vs_gradient'])}")
@@ -105,6 +97,14 @@ def plots(ctx, results: dict) -> dict[str, Path]:
     acc_png = plots_dir / "acc_ci.png"
     _save(fig, acc_png)
     return {"sft_loss": loss_png, "lark_vs_utility": util_png, "acc_ci": acc_png}
+
+
+def _by_teacher(ax, teachers, x, y) -> None:
+    """One scatter per teacher, in the teacher's colour."""
+    teach, x, y = np.array(teachers), np.array(x), np.array(y)
+    for t in TEACHERS:
+        sel = teach == t
+        ax.scatter(x[sel], y[sel], s=6, alpha=0.6, color=_TEACHER_COLORS.get(t), label=t)
 
 
 def _save(fig, path: Path) -> None:
