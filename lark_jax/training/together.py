@@ -148,19 +148,24 @@ def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainC
             idx = plan.step_indices(step)
             # batch_size rows always hold one step's records: one micro-batch per step.
             parts = list(step_microbatches(ex, idx, row_len, cfg0.batch_size,
-                                           objective=c.objective))
+                                           row_multiple=1, objective=c.objective))
             if len(parts) > 1:
                 raise LarkError("a step's records did not fit one micro-batch")
             mbs.append(parts[0] if parts else None)
             denoms.append(step_denominator(ex, idx, c.objective) or 1.0)
             tokens[r, step] = sum(len(ex[i].tok.ids) for i in idx if ex[i].weight > 0)
-        # Always batch_size rows (one record per row at worst): one compiled shape for
-        # the whole call, which for a small student matters more than padding rows.
-        rows = cfg0.batch_size
+        # step_microbatches (row_multiple=1) rounds a step's rows up to a power of two,
+        # at most batch_size (one record per row at worst): a call compiles at most
+        # log2(batch_size) + 1 shapes. Always batch_size rows computed about 3x more
+        # padding than tokens on the demo's pool.
+        need = [m["ids"].shape[0] if m is not None else 1 for m in mbs]
         empty = {k: np.zeros((0, row_len), np.int32) for k in
                  ("ids", "positions", "segments", "targets")} | {
             "weights": np.zeros((0, row_len), np.float32)}
-        padded = [_pad_rows(m if m is not None else empty, rows, row_len) for m in mbs]
+        if mode == "vmap":  # one stacked batch: every run gets the largest row count
+            need = [max(need)] * n_runs
+        padded = [_pad_rows(m if m is not None else empty, n, row_len)
+                  for m, n in zip(mbs, need, strict=True)]
         denoms = np.asarray(denoms, np.float32)
         if mode == "vmap":
             batch = {k: np.stack([b[k] for b in padded]) for k in empty}
