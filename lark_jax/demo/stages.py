@@ -257,16 +257,28 @@ def _write_metrics(path: Path, together, r: int, lrs: list[float]) -> None:
                         for s in range(together.losses.shape[1])))
 
 
+@dataclasses.dataclass
+class _Job:
+    """One fine-tune of ``run_methods``: a method's selection, or a teacher's utility run."""
+
+    key: str  # the method, or the teacher
+    seed: int
+    objective: str
+    data: Path
+    info: dict  # what the results table keeps of the selection
+    utility: bool = False
+
+
 def run_methods(ctx: DemoContext) -> None:
     """Every method and seed: select at budget B; with the per-teacher utility runs, fine-tune
-    them all together (``training.together``: one vmapped step for every run); then evaluate
+    them all together (``training.together``: one compiled step for every run); then evaluate
     each and measure its held-out metrics."""
     from lark_jax.selection import select
     from lark_jax.selection.io import write_selection
     from lark_jax.training.together import learning_rates, train_together
 
     cfg = ctx.cfg
-    jobs = []  # (kind, name, method or teacher, seed, objective, data, info)
+    jobs: list[_Job] = []
     for seed in cfg.seeds:
         for method in cfg.methods:
             policy, objective = METHOD_SPECS[method]
@@ -276,38 +288,38 @@ def run_methods(ctx: DemoContext) -> None:
             write_selection(data, recs, {"policy": policy, "objective": objective,
                                          "budget": cfg.budget, "seed": seed,
                                          "n_records": len(recs), "teacher_mix": mix})
-            jobs.append(("method", f"{method}-s{seed}", method, seed, objective, data,
-                         {"n_records": len(recs), "teacher_mix": mix, "objective": objective}))
+            jobs.append(_Job(method, seed, objective, data,
+                             {"n_records": len(recs), "teacher_mix": mix,
+                              "objective": objective}))
     if cfg.utility:
-        for t in TEACHERS:
-            jobs.append(("utility", f"utility-{t}", t, cfg.seeds[0], "record",
-                         _utility_file(ctx, t), {}))
-    cfgs = [_train_config(cfg, seed, obj) for _, _, _, seed, obj, _, _ in jobs]
+        jobs += [_Job(t, cfg.seeds[0], "record", _utility_file(ctx, t), {}, utility=True)
+                 for t in TEACHERS]
+    cfgs = [_train_config(cfg, j.seed, j.objective) for j in jobs]
     with ctx.stage("train"), ctx.rep.bar(cfg.steps, f"train {len(jobs)} runs together",
                                          unit="step") as advance:
-        together = train_together(ctx.base, [j[5] for j in jobs], cfgs,
+        together = train_together(ctx.base, [j.data for j in jobs], cfgs,
                                   progress=lambda step, total: advance(1))
     lrs = learning_rates(cfgs[0])
     ctx.runs = {m: {} for m in cfg.methods}
     ctx.solved = {m: {} for m in cfg.methods}
-    ctx.tuned = {}
-    for r, (kind, name, key, seed, _, _, info) in enumerate(jobs):
+    for r, j in enumerate(jobs):
         tuned = together.student(r)
-        final = {"final_train_loss": float(together.losses[r, -1]), **info}
-        if kind == "method":
-            _write_metrics(ctx.out / "runs" / name / "metrics.jsonl", together, r, lrs)
-            metrics, solved = evaluate(ctx, tuned, name, seed)
+        final = {"final_train_loss": float(together.losses[r, -1]), **j.info}
+        if j.utility:
             with ctx.stage("heldout"):
-                final.update(metrics, **heldout(ctx, tuned))
-            ctx.runs[key][seed] = final
-            ctx.solved[key][seed] = solved
-            ctx.rep.info(f"{name}: acc {final['acc']:.3f}  ref_loss {final['ref_loss']:.3f}  "
-                         f"step_acc {final['step_acc']:.3f}")
-            if key == "all" and seed == cfg.seeds[0]:
-                ctx.tuned["all"] = tuned
-        else:
-            with ctx.stage("heldout"):
-                ctx.utility[key] = {**final, **heldout(ctx, tuned, teachers=True)}
+                ctx.utility[j.key] = {**final, **heldout(ctx, tuned, teachers=True)}
+            continue
+        name = f"{j.key}-s{j.seed}"
+        _write_metrics(ctx.out / "runs" / name / "metrics.jsonl", together, r, lrs)
+        metrics, solved = evaluate(ctx, tuned, name, j.seed)
+        with ctx.stage("heldout"):
+            final.update(metrics, **heldout(ctx, tuned))
+        ctx.runs[j.key][j.seed] = final
+        ctx.solved[j.key][j.seed] = solved
+        ctx.rep.info(f"{name}: acc {final['acc']:.3f}  ref_loss {final['ref_loss']:.3f}  "
+                     f"step_acc {final['step_acc']:.3f}")
+        if j.key == "all" and j.seed == cfg.seeds[0]:
+            ctx.tuned["all"] = tuned
 
 
 # -- 6. diagnostics --------------------------------------------------------------------------
