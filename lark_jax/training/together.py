@@ -193,8 +193,8 @@ def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainC
 
 def learning_rates(cfg: TrainConfig) -> list[float]:
     """The schedule's learning rate at each step (for metrics files)."""
-    sched = make_schedule(cfg, cfg.max_steps)
-    return [float(sched(s)) for s in range(cfg.max_steps)]
+    sched = make_schedule(cfg, cfg.max_steps)  # elementwise: one call for every step
+    return np.asarray(sched(np.arange(cfg.max_steps)), np.float64).tolist()
 
 
 __all__ = ["SHARED", "TrainedTogether", "learning_rates", "train_together"]
