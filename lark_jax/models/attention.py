@@ -38,16 +38,20 @@ def _mask(q_idx, kv_idx, q_seg, kv_seg, kv_valid):
     return m  # [B, T, S]
 
 
-def dense_attention(q, k, v, q_idx, kv_idx, q_seg, kv_seg, kv_valid):
+def dense_attention(q, k, v, q_idx, kv_idx, q_seg, kv_seg, kv_valid, *,
+                    kv_heads_first: bool = False):
+    """k, v: [B, S, Hkv, D], or [B, Hkv, S, D] with ``kv_heads_first`` (the KV cache's
+    layout, read without a transpose)."""
     b, t, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1 if kv_heads_first else 2]
+    kv = "bksd" if kv_heads_first else "bskd"
     qg = q.reshape(b, t, kvh, h // kvh, d)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    s = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32)
     s = s * (d**-0.5)
     mask = _mask(q_idx, kv_idx, q_seg, kv_seg, kv_valid)[:, None, None]
     s = jnp.where(mask, s, NEG)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
+    o = jnp.einsum(f"bkgts,{kv}->btkgd", p, v, preferred_element_type=jnp.float32)
     return o.reshape(b, t, h, d).astype(q.dtype)
 
 
@@ -228,8 +232,9 @@ def choose_impl(impl: str, *, cached: bool, platform: str) -> str:
 
 
 def attention(q, k, v, q_idx, kv_idx, q_seg, kv_seg, kv_valid, *, impl="auto",
-              dense_limit=1 << 26, dense_tile=1 << 18, mesh=None):
-    """q: [B, T, H, D]; k, v: [B, S, Hkv, D]; index/segment arrays [B, T] / [B, S].
+              dense_limit=1 << 26, dense_tile=1 << 18, mesh=None, kv_heads_first=False):
+    """q: [B, T, H, D]; k, v: [B, S, Hkv, D] (or [B, Hkv, S, D] with ``kv_heads_first``,
+    the KV cache's layout); index/segment arrays [B, T] / [B, S].
 
     ``auto`` is dense only for small score matrices (T·S ≤ ``dense_tile``, e.g. 512²,
     and B·H·T·S ≤ ``dense_limit``): decoding steps and short rows. Longer rows go
@@ -239,12 +244,15 @@ def attention(q, k, v, q_idx, kv_idx, q_seg, kv_seg, kv_valid, *, impl="auto",
     the caller guarantees it) and uses ``q_seg`` as the segment ids.
     """
     b, t, h, _ = q.shape
-    s_len = k.shape[1]
+    s_len = k.shape[2 if kv_heads_first else 1]
     if impl == "auto":
         small = t * s_len <= dense_tile and b * h * t * s_len <= dense_limit
         impl = "dense" if small else "blockwise"
     if impl == "dense":
-        return dense_attention(q, k, v, q_idx, kv_idx, q_seg, kv_seg, kv_valid)
+        return dense_attention(q, k, v, q_idx, kv_idx, q_seg, kv_seg, kv_valid,
+                               kv_heads_first=kv_heads_first)
+    if kv_heads_first:  # the other kernels take [B, S, Hkv, D] (long prefills: once a call)
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     if impl == "blockwise":
         return blockwise_attention(q, k, v, q_idx, kv_idx, q_seg, kv_seg, kv_valid)
     if impl == "flash":

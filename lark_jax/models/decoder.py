@@ -54,7 +54,10 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(NamedTuple):
-    """Stacked per-layer cache: k, v [L, B, S, Hkv, D]; valid [B, S] marks usable slots."""
+    """Stacked per-layer cache: k, v [L, B, Hkv, S, D]; valid [B, S] marks usable slots.
+
+    Head-major: a decoding step's attention reads each row's keys and values per head
+    as they lie, with no transpose of the cache slice."""
 
     k: jax.Array
     v: jax.Array
@@ -62,7 +65,7 @@ class KVCache(NamedTuple):
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> KVCache:
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.zeros((batch, length), bool))
 
@@ -170,7 +173,7 @@ class Decoder(nnx.Module):
     def _layers(self, input_ids, positions, mask: AttentionMask, cache: KVCache | None = None,
                 cache_index=None, lora: tuple[dict, float] | None = None
                 ) -> tuple[jax.Array, KVCache | None]:
-        """Embed, run the layer stack (one scan, one body, cached or not), final norm."""
+        """Embed, run the layer stack (one scan over the stacked weights), final norm."""
         x = jnp.take(self.embed[...], input_ids, axis=0)  # [B, T, D]
         cos, sin = rope_cos_sin(self.cfg, positions, self.dtype)
         layer_params = nnx.to_pure_dict(nnx.state(self.layers))
@@ -179,23 +182,36 @@ class Decoder(nnx.Module):
             factors, scale = lora
             for name, f in factors.items():
                 layer_params[name + "@a"], layer_params[name + "@b"] = f["a"], f["b"]
-        kv = (None, None) if cache is None else (cache.k, cache.v)  # scanned over L with p
+        if cache is None:
+            def body(x, p):
+                return self._layer(x, p, cos, sin, mask, None, None, scale)
 
-        def body(x, xs):
-            p, ck, cv = xs
-            return self._layer(x, p, cos, sin, mask, None if ck is None else (ck, cv),
-                               cache_index, scale)
+            if self.remat:
+                body = jax.checkpoint(body)
+            x, _ = lax.scan(body, x, layer_params)
+            return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), None
 
-        if self.remat and cache is None:
-            body = jax.checkpoint(body)
-        x, new_kv = lax.scan(body, x, (layer_params, *kv))
+        # Decoding: the whole [L, B, Hkv, S, D] cache rides in the scan's carry and each
+        # layer writes only its new keys and values into it, in place. Scanned over as
+        # xs/ys instead, every step wrote out a whole new cache: 1.75x slower decoding on
+        # CPU (benchmarks/decode_step.py).
+        def cached_body(carry, xs):
+            x, ck, cv = carry
+            p, layer = xs
+            x, (ck, cv) = self._layer(x, p, cos, sin, mask, (ck, cv, layer), cache_index,
+                                      scale)
+            return (x, ck, cv), None
+
+        layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+        (x, ck, cv), _ = lax.scan(cached_body, (x, cache.k, cache.v), (layer_params, layer_ids))
         hidden = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
-        return hidden, None if cache is None else KVCache(*new_kv, cache.valid)
+        return hidden, KVCache(ck, cv, cache.valid)
 
     def _layer(self, x, p, cos, sin, mask: AttentionMask, cache_kv, cache_index,
                lora_scale: float = 0.0):
-        """One decoder layer on x [B, T, D] with this layer's weights p; with cache_kv
-        ([B, S, Hkv, Dh] keys, values) the new keys/values are written into it first."""
+        """One decoder layer on x [B, T, D] with this layer's weights p. With ``cache_kv``
+        (the stacked [L, B, Hkv, S, Dh] keys and values, and this layer's index) the new
+        keys/values are written into it first; returns (x, the updated stacked cache)."""
         cfg = self.cfg
         b, t, _ = x.shape
 
@@ -215,21 +231,27 @@ class Decoder(nnx.Module):
             k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = None
-        if cache_kv is not None:
-            ck, cv = cache_kv
+        if cache_kv is not None:  # the whole stacked cache and this layer's index
+            ck, cv, layer = cache_kv
+            kt = jnp.swapaxes(k, 1, 2).astype(ck.dtype)  # [B, Hkv, T, D]: the cache's layout
+            vt = jnp.swapaxes(v, 1, 2).astype(cv.dtype)
             if jnp.ndim(cache_index):
-                rows = jnp.arange(b)[:, None]
-                cols = cache_index[:, None] + jnp.arange(t)[None]
-                k = ck.at[rows, cols].set(k.astype(ck.dtype), mode="drop")
-                v = cv.at[rows, cols].set(v.astype(cv.dtype), mode="drop")
+                rows = jnp.arange(b)[:, None, None]
+                heads = jnp.arange(cfg.num_kv_heads)[None, :, None]
+                cols = (cache_index[:, None] + jnp.arange(t)[None])[:, None, :]
+                ck = ck.at[layer, rows, heads, cols].set(kt, mode="drop")
+                cv = cv.at[layer, rows, heads, cols].set(vt, mode="drop")
             else:
-                k = lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-                v = lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-            new_kv = (k, v)
+                at = (layer, 0, 0, cache_index, 0)
+                ck = lax.dynamic_update_slice(ck, kt[None], at)
+                cv = lax.dynamic_update_slice(cv, vt[None], at)
+            k, v = ck[layer], cv[layer]  # [B, Hkv, S, D]
+            new_kv = (ck, cv)
         platform = (next(iter(self.mesh.devices.flat)) if self.mesh is not None
                     else jax.devices()[0]).platform
         impl = choose_impl(self.attn_impl, cached=cache_kv is not None, platform=platform)
-        o = attention(q, k, v, *mask, impl=impl, mesh=self.mesh)  # [B, T, H, Dh]
+        o = attention(q, k, v, *mask, impl=impl, mesh=self.mesh,
+                      kv_heads_first=cache_kv is not None)  # [B, T, H, Dh]
         x = x + proj(o.reshape(b, t, cfg.q_dim), "o_proj", "o_bias")
         h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
 

@@ -63,7 +63,7 @@ def _admit(graphdef, params, state, slots, ids, lengths, row_keys, limits, base,
     """
     model = nnx.merge(graphdef, params)
     n, p_len = ids.shape
-    cap = state["cache"].k.shape[2]
+    cap = state["cache"].k.shape[3]
     valid = jnp.arange(cap)[None] < lengths[:, None]
     small = KVCache.empty(model.cfg, n, cap, model.dtype)._replace(valid=valid)
     positions = jnp.broadcast_to(jnp.arange(p_len, dtype=jnp.int32), (n, p_len))
@@ -146,7 +146,7 @@ class _Engine:
         shard = data_sharding(self.mesh, 1)
         put = lambda x: jax.device_put(x, shard)  # noqa: E731
         cache = KVCache.empty(cfg, n_slots, cap, dt)
-        kv = data_sharding(self.mesh, 5, axis=1)  # [L, slots, cap, kv heads, head]
+        kv = data_sharding(self.mesh, 5, axis=1)  # [L, slots, kv heads, cap, head]
         self.state = {
             "cache": KVCache(jax.device_put(cache.k, kv), jax.device_put(cache.v, kv),
                              jax.device_put(cache.valid, data_sharding(self.mesh, 2))),
