@@ -67,14 +67,24 @@ class TrainedTogether:
 
 
 def _pad_rows(mb: dict, rows: int, length: int) -> dict:
-    """A micro-batch padded to [rows, length]: padding tokens have segment -1, weight 0."""
+    """A micro-batch cut or padded to [rows, length] (rows past ``rows`` must be padding):
+    padding tokens have segment -1, weight 0."""
     out = {}
     for k, v in mb.items():
         fill = -1 if k == "segments" else 0
         a = np.full((rows, length), fill, v.dtype)
-        a[:v.shape[0], :v.shape[1]] = v
+        n = min(rows, v.shape[0])
+        a[:n, :v.shape[1]] = v[:n]
         out[k] = a
     return out
+
+
+def _used_rows(mb: dict | None) -> int:
+    """Rows up to the last one holding a token (at least 1)."""
+    if mb is None:
+        return 1
+    used = np.flatnonzero((mb["segments"] >= 0).any(axis=1))
+    return int(used[-1]) + 1 if used.size else 1
 
 
 def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainConfig], *,
@@ -154,11 +164,11 @@ def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainC
             mbs.append(parts[0] if parts else None)
             denoms.append(step_denominator(ex, idx, c.objective) or 1.0)
             tokens[r, step] = sum(len(ex[i].tok.ids) for i in idx if ex[i].weight > 0)
-        # step_microbatches (row_multiple=1) rounds a step's rows up to a power of two,
-        # at most batch_size (one record per row at worst): a call compiles at most
-        # log2(batch_size) + 1 shapes. Always batch_size rows computed about 3x more
-        # padding than tokens on the demo's pool.
-        need = [m["ids"].shape[0] if m is not None else 1 for m in mbs]
+        # A step computes the rows its records fill and no more (step_microbatches rounds
+        # them up to a power of two; trailing all-padding rows are dropped here): a call
+        # compiles one step per row count that occurs, at most batch_size. Power-of-two
+        # rows computed 1.7x the demo pool's tokens; always batch_size rows about 3x.
+        need = [_used_rows(m) for m in mbs]
         empty = {k: np.zeros((0, row_len), np.int32) for k in
                  ("ids", "positions", "segments", "targets")} | {
             "weights": np.zeros((0, row_len), np.float32)}
