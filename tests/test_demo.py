@@ -12,6 +12,7 @@ from conftest import one_device
 from lark_jax import LarkError
 from lark_jax.data.pool import iter_pool
 from lark_jax.demo import METHODS, TEACHERS, TaskConfig, build_task, demo_config, run_demo
+from lark_jax.demo.stages import answer_styles, is_bare_answer
 from lark_jax.demo.task import SAMPLES, expression
 from lark_jax.evaluation import extract_answer, is_equivalent
 
@@ -127,6 +128,27 @@ def test_command_options(tmp_path):
         p.parse_args(["--quick", "--tiny"])
 
 
+def test_answer_styles_separate_bare_answers_from_worked_ones(tmp_path):
+    bare = ["\\boxed{12}", " \\boxed{7}.\n", "\\boxed{}"]
+    worked = ["8 + 4 = 12. \\boxed{12}", "\\boxed{12} because 8 + 4 = 12", "12", "",
+              "\\boxed{\\boxed{3}}"]
+    assert [is_bare_answer(c) for c in bare] == [True] * 3
+    assert [is_bare_answer(c) for c in worked] == [False] * 5
+    # An eval's files: 2 problems x 3 samples; bare samples 0/2 right, worked 3/4 right.
+    rows = [(0, 0, "\\boxed{3}", False), (0, 1, "1 + 2 = 3. \\boxed{3}", True),
+            (0, 2, "1 + 2 = 4. \\boxed{4}", False), (1, 0, "\\boxed{5}", False),
+            (1, 1, "2 + 3 = 5. \\boxed{5}", True), (1, 2, "Step 1: 5. \\boxed{5}", True)]
+    (tmp_path / "generations.jsonl").write_text("".join(
+        json.dumps({"problem": p, "sample": s, "completion": c}) + "\n"
+        for p, s, c, _ in rows))
+    (tmp_path / "answers.jsonl").write_text("".join(  # another order: joined by key
+        json.dumps({"problem": p, "sample": s, "correct": ok}) + "\n"
+        for p, s, _, ok in reversed(rows)))
+    styles = answer_styles(tmp_path)
+    assert styles["bare"] == pytest.approx(2 / 6)
+    assert styles["worked_pass@1"] == pytest.approx(3 / 4)
+
+
 # -- the pipeline ---------------------------------------------------------------------------
 
 
@@ -173,6 +195,9 @@ def test_demo_end_to_end_outputs(demo_run):
     for r in rows.values():  # the interval brackets the mean, both in [0, 1]
         lo, hi = r["acc"]["ci95"]
         assert 0 <= lo <= r["acc"]["mean"] <= hi <= 1
+    for r in [*rows.values(), {k: {"mean": v} for k, v in results["base"].items()}]:
+        assert 0 <= r["bare"]["mean"] <= 1
+        assert r["worked_pass@1"]["mean"] is None or 0 <= r["worked_pass@1"]["mean"] <= 1
     for key in ("lark - random", "lark - all", "lark - lark-reference"):
         p = results["paired"][key]
         a, b = key.split(" - ")

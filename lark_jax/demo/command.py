@@ -22,9 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--methods", default=None,
-                   help="comma-separated methods to compare (default: all of them: "
-                        "lark, lark-reference, random, all, min-loss, max-loss, rsr, "
-                        "shortest, longest); 'lark' is required")
+                   help="comma-separated methods to compare, from lark, lark-reference, "
+                        "random, all, min-loss, max-loss, rsr, shortest, longest (default: "
+                        "all of them; --quick: lark, lark-reference, random, all, "
+                        "max-loss); 'lark' is required")
     p.add_argument("--no-utility", action="store_true",
                    help="skip the per-teacher fine-tunes of the utility diagnostic")
     p.add_argument("--steps", type=int, default=None,

@@ -10,6 +10,10 @@ methods fine-tune the same cached student for the same number of optimizer steps
 * ``acc@k`` and ``pass@1`` on the held-out benchmark: k samples per problem at temperature
   ``temperature`` / ``top_p``, first ``\\boxed{}`` answer (or last number) checked with
   ``is_equivalent`` (``lark_jax.evaluation.run_eval``).
+* ``bare`` and ``worked_pass@1``: the share of samples that are only a boxed number, and
+  the accuracy of the others (those that show work). With answers in 1..20 a student can
+  reach a sizeable ACC@k by recalling frequent answers; these two say how much of a
+  method's ACC is solving (``stages.answer_styles``).
 * ``ref_loss``: mean cross-entropy per assistant token of the fine-tuned student on the
   benchmark's *reference solutions* (one ``a op b = r.`` per operation, then the boxed
   answer; no teacher writes exactly this). Lower is better. It measures style as well as

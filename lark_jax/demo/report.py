@@ -121,6 +121,8 @@ def _fmt_r(r) -> str:
 
 _METRICS = (("acc", "ACC@k", 100.0, True), ("pass@1", "pass@1", 100.0, True),
             ("ref_loss", "ref loss", 1.0, False), ("step_acc", "step acc", 100.0, True))
+# How the samples answer (stages.answer_styles): reported beside ACC, never ranked.
+_STYLES = ("bare", "worked_pass@1")
 
 
 def _num(x):
@@ -157,7 +159,7 @@ def build_results(ctx, t_start: float) -> dict:
         row = {"method": m, "objective": runs[m][seeds[0]]["objective"], "n_seeds": len(seeds),
                "n_records": runs[m][seeds[0]]["n_records"],
                "teacher_mix": runs[m][seeds[0]]["teacher_mix"]}
-        for key, _, _, _ in _METRICS + (("final_train_loss", "", 1, False),):
+        for key in [m[0] for m in _METRICS] + list(_STYLES) + ["final_train_loss"]:
             mean, std = _mean_std([runs[m][s][key] for s in seeds])
             row[key] = {"mean": _num(mean), "std": _num(std),
                         "per_seed": [_num(runs[m][s][key]) for s in seeds]}
@@ -165,7 +167,8 @@ def build_results(ctx, t_start: float) -> dict:
         rows.append(row)
     paired = {f"{a} - {b}": paired_difference(solved[a], solved[b], counts)
               for a, b in PAIRS if a in solved and b in solved}
-    base = {k: _num(ctx.base_metrics[k]) for k in ("acc", "pass@1", "ref_loss", "step_acc")}
+    base = {k: _num(ctx.base_metrics[k])
+            for k in ("acc", "pass@1", "ref_loss", "step_acc", *_STYLES)}
     base["acc_ci95"] = mean_ci(ctx.base_solved, resample_counts(1, n_problems))["ci95"]
 
     def best(key, higher):
@@ -261,22 +264,27 @@ def render_markdown(results: dict) -> str:
         f"{cfg['budget']} per problem ('all' keeps every candidate), {cfg['steps']} "
         f"optimizer steps of {cfg['batch_size']} records, lr {cfg['lr']:g}; seeds {seeds}. "
         "ACC: mean over seeds and problems with a 95 % bootstrap interval (problems and "
-        "seeds resampled); other columns: mean ± std over seeds.",
+        "seeds resampled); other columns: mean ± std over seeds. Bare answers: share of "
+        "samples that are only a boxed number (no work shown); worked pass@1: accuracy of "
+        "the samples that show work, i.e. solving rather than recalling or guessing an "
+        "answer.",
         "",
-        f"| method | SFT objective | ACC@{k} (%) | 95 % CI | pass@1 (%) | ref loss ↓ | "
-        "step acc (%) | final SFT loss |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| method | SFT objective | ACC@{k} (%) | 95 % CI | pass@1 (%) | bare answers (%) "
+        "| worked pass@1 (%) | ref loss ↓ | step acc (%) | final SFT loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     b = results["base"]
     fmt = lambda x, s, d: "n/a" if x is None else f"{x * s:.{d}f}"  # noqa: E731
     ci = lambda c: f"[{100 * c[0]:.1f}, {100 * c[1]:.1f}]"  # noqa: E731
     lines.append(f"| base (no fine-tuning) | - | {fmt(b['acc'], 100, 1)} | {ci(b['acc_ci95'])} "
-                 f"| {fmt(b['pass@1'], 100, 1)} | {fmt(b['ref_loss'], 1, 3)} | "
+                 f"| {fmt(b['pass@1'], 100, 1)} | {fmt(b['bare'], 100, 1)} | "
+                 f"{fmt(b['worked_pass@1'], 100, 1)} | {fmt(b['ref_loss'], 1, 3)} | "
                  f"{fmt(b['step_acc'], 100, 1)} | - |")
     for r in results["methods"]:
         name = f"**{r['method']}**" if r["method"].startswith("lark") else r["method"]
         lines.append(f"| {name} | {r['objective']} | {fmt(r['acc']['mean'], 100, 1)} | "
                      f"{ci(r['acc']['ci95'])} | {_cell(r['pass@1'], 100, 1)} | "
+                     f"{_cell(r['bare'], 100, 1)} | {_cell(r['worked_pass@1'], 100, 1)} | "
                      f"{_cell(r['ref_loss'], 1, 3)} | {_cell(r['step_acc'], 100, 1)} | "
                      f"{_cell(r['final_train_loss'], 1, 3)} |")
     lines += ["", "Paired differences (same problems and seeds, same bootstrap draws):", "",

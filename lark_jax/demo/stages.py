@@ -171,9 +171,39 @@ def heldout(ctx: DemoContext, student, teachers: bool = False) -> dict:
     return res
 
 
+BARE_ANSWER = re.compile(r"\s*\\boxed\{[^{}]*\}[\s.]*")
+
+
+def is_bare_answer(completion: str) -> bool:
+    """True when a completion is only a boxed answer (no work shown): with answers in
+    1..20 such samples are right by recall or by guessing, not by solving."""
+    return BARE_ANSWER.fullmatch(completion) is not None
+
+
+def answer_styles(out_dir: Path) -> dict:
+    """``bare``: share of an eval's samples that are only a boxed answer;
+    ``worked_pass@1``: accuracy of the other samples (those that show work; None if none).
+    Separates solving from answer recall or guessing (ACC alone does not)."""
+    correct = {}
+    for line in (out_dir / "answers.jsonl").read_text(encoding="utf-8").splitlines():
+        a = json.loads(line)
+        correct[(a["problem"], a["sample"])] = bool(a["correct"])
+    bare, worked = 0, []
+    for line in (out_dir / "generations.jsonl").read_text(encoding="utf-8").splitlines():
+        g = json.loads(line)
+        if is_bare_answer(g["completion"]):
+            bare += 1
+        else:
+            worked.append(correct[(g["problem"], g["sample"])])
+    n = bare + len(worked)
+    return {"bare": bare / n if n else None,
+            "worked_pass@1": float(np.mean(worked)) if worked else None}
+
+
 def evaluate(ctx: DemoContext, student, name: str, seed: int) -> tuple[dict, np.ndarray]:
-    """ACC@k, pass@1 and the no-answer rate on the benchmark, and per problem whether any
-    of the k samples was correct (from the eval's answers.jsonl)."""
+    """ACC@k, pass@1, the no-answer rate and the answer styles (:func:`answer_styles`) on
+    the benchmark, and per problem whether any of the k samples was correct (from the
+    eval's answers.jsonl)."""
     from lark_jax.evaluation import EvalConfig, run_eval
 
     cfg = ctx.cfg
@@ -196,7 +226,8 @@ def evaluate(ctx: DemoContext, student, name: str, seed: int) -> tuple[dict, np.
         raise LarkError(f"per-problem outcomes ({solved.mean()}) disagree with the summary's "
                         f"ACC@k ({acc})", where=str(res.out_dir))
     return ({"acc": acc, "pass@1": s["pass@1"],
-             "no_answer": s["no_answer_samples"] / (cfg.eval_samples * n)}, solved)
+             "no_answer": s["no_answer_samples"] / (cfg.eval_samples * n),
+             **answer_styles(res.out_dir)}, solved)
 
 
 def evaluate_base(ctx: DemoContext) -> None:
