@@ -193,8 +193,8 @@ class Decoder(nnx.Module):
 
         # Decoding: the whole [L, B, Hkv, S, D] cache rides in the scan's carry and each
         # layer writes only its new keys and values into it, in place. Scanned over as
-        # xs/ys instead, every step wrote out a whole new cache: 1.75x slower decoding on
-        # CPU (benchmarks/decode_step.py).
+        # xs/ys instead, every step wrote out a whole new cache: 1.78x slower decoding of
+        # 256 slots on CPU (BENCHMARKS.md, generation, "many slots, small model").
         def cached_body(carry, xs):
             x, ck, cv = carry
             p, layer = xs
