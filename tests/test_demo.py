@@ -280,3 +280,38 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch, demo_cache):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert (tmp_path / "lark-jax-demo" / "results.md").is_file()
+
+
+def test_heldout_metrics_match_float64_torch_in_any_batch_order(hf_students):
+    """ref loss and step acc against float64 log-softmax of the transformers model's logits,
+    over records of different lengths split into several (length-sorted) batches."""
+    import numpy as np
+    import torch
+
+    from lark_jax.demo.heldout import heldout_metrics, prepare_heldout
+    from lark_jax.models import load_student
+
+    d, model = hf_students["llama_tied_gqa"]
+    student = load_student(d, mesh=one_device())
+    texts = ["3 + 4 = 7. \\boxed{7}", "Step 1: 12 - 5 = 7.\nStep 2: 7 * 2 = 14. So 14.",
+             "= 1", "A long one: 1 + 1 = 2, 2 + 2 = 4, 4 + 4 = 8, 8 + 8 = 16. Done."]
+    records = [{"messages": [{"role": "user", "content": f"problem {i}"},
+                             {"role": "assistant", "content": t}]}
+               for i, t in enumerate(texts)]
+    held = prepare_heldout(student.tokenizer, records)
+    got = heldout_metrics(student, held, batch=2)
+    num = den = hits = total = 0
+    for r, ids in enumerate(held.ids):
+        with torch.no_grad():
+            z = model(torch.tensor(ids[None], dtype=torch.long)).logits[0].double()
+        logp = torch.log_softmax(z, -1).numpy()
+        js = np.arange(max(held.start[r], 1), len(ids))
+        ce = -logp[js - 1, ids[js]]
+        assert got["per_record"][r] == pytest.approx(ce.mean(), rel=1e-4)
+        num, den = num + ce.sum(), den + len(js)
+        for toks in held.marks[r]:
+            total += 1
+            hits += all(logp[j - 1].argmax() == ids[j] for j in toks)
+    assert sum(len(m) for m in held.marks) == 8  # every "= N" of the texts was marked
+    assert got["loss"] == pytest.approx(num / den, rel=1e-4)
+    assert got["marked_acc"] == pytest.approx(hits / total)
