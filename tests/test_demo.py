@@ -183,7 +183,8 @@ def test_demo_end_to_end_outputs(demo_run):
         # Same number of optimizer steps for every method.
         lines = (out / "runs" / f"{m}-s0" / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == cfg.steps
-        assert (out / "evals" / f"{m}-s0" / "summary.json").is_file()
+        evaluated = r["same_training_as"][0] or f"{m}-s0"  # a shared eval is its twin's
+        assert (out / "evals" / evaluated / "summary.json").is_file()
     # Budget 1: one record per problem, except "all" which keeps every candidate.
     assert rows["lark"]["n_records"] == cfg.task.n_pool
     assert rows["all"]["n_records"] == cfg.task.n_pool * 8
@@ -192,6 +193,12 @@ def test_demo_end_to_end_outputs(demo_run):
     assert rows["lark"]["objective"] == "record"
     assert rows["lark-reference"]["objective"] == "reference"
     assert rows["lark-reference"]["n_records"] == rows["lark"]["n_records"]
+    # Budget 1: every chosen record weighs the same, so both objectives compute the same
+    # steps: trained and evaluated once, and the report says so.
+    assert rows["lark-reference"]["same_training_as"] == ["lark-s0"]
+    assert rows["lark"]["same_training_as"] == [None]
+    assert rows["lark-reference"]["acc"] == rows["lark"]["acc"]
+    assert "trained once and evaluated once" in (out / "results.md").read_text()
     for r in rows.values():  # the interval brackets the mean, both in [0, 1]
         lo, hi = r["acc"]["ci95"]
         assert 0 <= lo <= r["acc"]["mean"] <= hi <= 1

@@ -530,3 +530,31 @@ def test_runs_trained_together_equal_separate_train_runs(hf_students, tmp_path):
     # The student they started from is untouched (the steps donate their own copies).
     for a, b in zip(jax.tree.leaves(nnx.state(student.model)), before, strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_identical_runs_are_trained_once_and_equal_a_separate_run(hf_students, tmp_path):
+    """Equal weights make the record and reference objectives compute the same steps (LARK at
+    budget 1): such runs are trained once, and the shared result equals the reference run
+    trained alone. Another seed, or the record objective on unequal weights, is another
+    run."""
+    from lark_jax.training.together import train_together
+
+    d, _ = hf_students["llama_tied_gqa"]
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=5)
+    equal = write_selection(tmp_path / "equal.jsonl", pool, weights=[1.0, 1.0, 1.0])
+    unequal = write_selection(tmp_path / "unequal.jsonl", pool, weights=[0.2, 1.0, 2.5])
+    base = TrainConfig(lr=1e-3, batch_size=4, max_steps=4, epochs=100, max_length=512,
+                       micro_batch_tokens=1024)
+    rec, ref = (dataclasses.replace(base, objective=o) for o in ("record", "reference"))
+    student = lark_jax.load_student(d, mesh=one_device())
+    got = train_together(student, [equal, equal, equal, unequal, unequal],
+                         [rec, ref, dataclasses.replace(rec, seed=1), rec, ref], mode="loop")
+    # The reference objective only drops weight-0 records: on unequal weights it is the
+    # equal-weights run again.
+    assert got.same_as == [0, 0, 2, 3, 0]
+    alone = train_together(student, [equal], [ref], mode="loop")
+    assert alone.same_as == [0]
+    np.testing.assert_allclose(got.losses[1], alone.losses[0], rtol=1e-6)
+    np.testing.assert_array_equal(got.losses[1], got.losses[0])
+    assert not np.allclose(got.losses[2], got.losses[0])  # another seed: another order
+    assert not np.allclose(got.losses[3], got.losses[4])  # unequal weights: objectives differ

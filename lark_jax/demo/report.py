@@ -164,6 +164,8 @@ def build_results(ctx, t_start: float) -> dict:
             row[key] = {"mean": _num(mean), "std": _num(std),
                         "per_seed": [_num(runs[m][s][key]) for s in seeds]}
         row["acc"]["ci95"] = mean_ci(solved[m], counts)["ci95"]
+        # Per seed, the run this one's training equals step for step (evaluation shared).
+        row["same_training_as"] = [runs[m][s].get("same_training_as") for s in seeds]
         rows.append(row)
     paired = {f"{a} - {b}": paired_difference(solved[a], solved[b], counts)
               for a, b in PAIRS if a in solved and b in solved}
@@ -287,6 +289,12 @@ def render_markdown(results: dict) -> str:
                      f"{_cell(r['bare'], 100, 1)} | {_cell(r['worked_pass@1'], 100, 1)} | "
                      f"{_cell(r['ref_loss'], 1, 3)} | {_cell(r['step_acc'], 100, 1)} | "
                      f"{_cell(r['final_train_loss'], 1, 3)} |")
+    for r in results["methods"]:
+        twins = {t.rsplit("-s", 1)[0] for t in r.get("same_training_as", []) if t}
+        if twins and all(r["same_training_as"]):
+            lines += ["", f"{r['method']}: every seed's fine-tune computes exactly the steps of "
+                      f"{', '.join(sorted(twins))} (same records, coefficients and "
+                      "normalisers), so it was trained once and evaluated once."]
     lines += ["", "Paired differences (same problems and seeds, same bootstrap draws):", "",
               f"| difference | ACC@{k} (pts) | 95 % CI | resolved |", "|---|---|---|---|"]
     for key, d in results["paired"].items():

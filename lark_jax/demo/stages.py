@@ -333,6 +333,7 @@ def run_methods(ctx: DemoContext) -> None:
     lrs = learning_rates(cfgs[0])
     ctx.runs = {m: {} for m in cfg.methods}
     ctx.solved = {m: {} for m in cfg.methods}
+    measured: dict[int, tuple[dict, np.ndarray]] = {}  # job -> (eval + held-out, solved)
     for r, j in enumerate(jobs):
         tuned = together.student(r)
         final = {"final_train_loss": float(together.losses[r, -1]), **j.info}
@@ -342,13 +343,24 @@ def run_methods(ctx: DemoContext) -> None:
             continue
         name = f"{j.key}-s{j.seed}"
         _write_metrics(ctx.out / "runs" / name / "metrics.jsonl", together, r, lrs)
-        metrics, solved = evaluate(ctx, tuned, name, j.seed)
-        with ctx.stage("heldout"):
-            final.update(metrics, **heldout(ctx, tuned))
+        first = together.same_as[r]
+        if first != r and first in measured and jobs[first].seed == j.seed:
+            # The same training (e.g. LARK at budget 1 under either objective) and the same
+            # sampling seed: the same student and the same eval. Shared, not recomputed.
+            metrics, solved = measured[first]
+            final["same_training_as"] = f"{jobs[first].key}-s{j.seed}"
+        else:
+            metrics, solved = evaluate(ctx, tuned, name, j.seed)
+            with ctx.stage("heldout"):
+                metrics = {**metrics, **heldout(ctx, tuned)}
+            measured[r] = (metrics, solved)
+        final.update(metrics)
         ctx.runs[j.key][j.seed] = final
         ctx.solved[j.key][j.seed] = solved
+        shared = (f"  (same training as {final['same_training_as']})"
+                  if "same_training_as" in final else "")
         ctx.rep.info(f"{name}: acc {final['acc']:.3f}  ref_loss {final['ref_loss']:.3f}  "
-                     f"step_acc {final['step_acc']:.3f}")
+                     f"step_acc {final['step_acc']:.3f}{shared}")
         if j.key == "all" and j.seed == cfg.seeds[0]:
             ctx.tuned["all"] = tuned
 

@@ -28,6 +28,7 @@ weights and batches are replicated over the student's mesh, not split.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from lark_jax.parallel import replicated
 from lark_jax.shapes import octave_bucket
 from lark_jax.training.data import StepPlan, read_selection, step_denominator, step_microbatches
 from lark_jax.training.loss import weighted_ce_sums
+from lark_jax.training.objective import token_coefficient
 from lark_jax.training.trainer import TrainConfig, make_optimizer, make_schedule
 
 # Settings every run of one call must share (one compiled step, one schedule).
@@ -58,6 +60,9 @@ class TrainedTogether:
     losses: np.ndarray  # [R, steps]
     grad_norms: np.ndarray  # [R, steps]
     tokens: np.ndarray  # [R, steps] assistant tokens of the records trained on
+    # Per run, the first run that computes exactly the same steps (itself if none):
+    # identical runs are trained once and share their results.
+    same_as: list[int] = dataclasses.field(default_factory=list)
 
     def student(self, r: int):
         """Run ``r``'s fine-tuned student (same tokenizer, config and mesh as the base)."""
@@ -119,6 +124,14 @@ def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainC
     # two: 8 steps per octave. Dense attention's cost per token grows with the row: the
     # demo's longest record (303 tokens) packed into rows of 320, not 512.
     row_len = octave_bucket(max(len(e.tok.ids) for ex, _, _ in runs for e in ex), 64)
+    # Runs whose every step would compute the same thing (same tokens, coefficients,
+    # normalisers and record order) are trained once: e.g. LARK at budget 1 under the
+    # record and the reference objective, where every chosen record weighs 1.
+    keys = [_run_key(ex, plan, c.objective, total) for ex, plan, c in runs]
+    same_as = [keys.index(k) for k in keys]
+    unique = sorted(set(same_as))
+    slot = {r: i for i, r in enumerate(unique)}
+    requested, runs = runs, [runs[r] for r in unique]
 
     graphdef, params = nnx.split(student.model)
     # Weights, Adam states (their step counts included) and batches replicated on the
@@ -198,9 +211,29 @@ def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainC
         states = [jax.tree.map(lambda x, r=r: x[r], states[0]) for r in range(n_runs)]
     bad = ~np.isfinite(losses)
     if bad.any():
-        r, s = np.argwhere(bad)[0]
-        raise LarkError(f"loss of run {r} ({data[r]}) became {losses[r, s]} at step {s + 1}")
-    return TrainedTogether(student, states, losses, gnorms, tokens)
+        u, s = np.argwhere(bad)[0]
+        r = unique[u]
+        raise LarkError(f"loss of run {r} ({data[r]}) became {losses[u, s]} at step {s + 1}")
+    back = [slot[same_as[r]] for r in range(len(requested))]
+    return TrainedTogether(student, [states[i] for i in back], losses[back], gnorms[back],
+                           tokens[back], same_as)
+
+
+def _run_key(ex, plan: StepPlan, objective: str, total: int) -> str:
+    """A digest of everything a run's steps compute from: each record's tokens, assistant
+    span and loss coefficient, every step's records and normaliser D. Coefficients and
+    normalisers enter to 12 significant digits: a selection's weights of 1 - 1e-16 (the
+    rounding of its normalisation) do not make another run, any more than the float
+    summation order that already separates these runs from ``train``'s."""
+    h = hashlib.sha256()
+    for e in ex:
+        coef = token_coefficient(e.weight, e.tok.n_targets, objective)
+        h.update(e.tok.ids.tobytes() + f"{e.tok.start},{e.tok.end},{coef:.12g}".encode())
+    for step in range(total):
+        idx = plan.step_indices(step)
+        h.update(np.asarray(idx, np.int64).tobytes()
+                 + f"{step_denominator(ex, idx, objective):.12g}".encode())
+    return h.hexdigest()
 
 
 def learning_rates(cfg: TrainConfig) -> list[float]:
