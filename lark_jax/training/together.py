@@ -13,7 +13,9 @@ one micro-batch of a common [rows, length], and either
   faster: a batched matmul there ran about 2x slower per run than R plain ones (measured on
   the demo's tiny student: 0.63 s vs 0.29 s per run-step).
 
-``auto`` picks ``loop`` on a CPU and ``vmap`` elsewhere.
+``auto`` picks ``loop`` on a CPU and ``vmap`` elsewhere. Runs that would compute the same
+steps (same tokens, coefficients, normalisers and record order) are trained once and
+share the result (:attr:`TrainedTogether.same_as`).
 
 Each run follows ``train`` exactly in what it computes: the same record order
 (``StepPlan``), objective coefficients and normaliser D (``training.objective``), loss
