@@ -159,7 +159,7 @@ def build_results(ctx, t_start: float) -> dict:
         row = {"method": m, "objective": runs[m][seeds[0]]["objective"], "n_seeds": len(seeds),
                "n_records": runs[m][seeds[0]]["n_records"],
                "teacher_mix": runs[m][seeds[0]]["teacher_mix"]}
-        for key in [m[0] for m in _METRICS] + list(_STYLES) + ["final_train_loss"]:
+        for key in [spec[0] for spec in _METRICS] + list(_STYLES) + ["final_train_loss"]:
             mean, std = _mean_std([runs[m][s][key] for s in seeds])
             row[key] = {"mean": _num(mean), "std": _num(std),
                         "per_seed": [_num(runs[m][s][key]) for s in seeds]}
