@@ -35,7 +35,9 @@ if kill_after or term_after:
             if step + 1 == term_after:  # a preemption notice, as a scheduler sends it
                 os.kill(os.getpid(), signal.SIGTERM)
             if term_after and step + 1 >= term_after:
-                time.sleep(0.5)  # give the hosts' agreement on a safe step time to finish
+                # Give the hosts' agreement on a safe step time to finish before the run
+                # does (at 0.5 s a clean-clone CI run once agreed only on the last step).
+                time.sleep(1.0)
         return real(tr, items, done, **kw)
     trainer.run_steps = run_steps
 from lark_jax.cli import main
