@@ -138,7 +138,8 @@ def split_by_tokens(lengths: list[int], n: int) -> list[list[int]]:
 
 def step_microbatches(examples: list[Example], idx: np.ndarray, row_len: int, rows: int,
                       max_segments: int | None = None, row_multiple: int | None = None,
-                      objective: str = "record", process: int = 0, n_processes: int = 1):
+                      objective: str = "record", process: int = 0, n_processes: int = 1,
+                      exact_rows: bool = False):
     """Pack one step's examples; yields dicts of [rows', row_len] arrays.
 
     ``weights`` holds the objective's per-token coefficient c_t (training.objective);
@@ -148,8 +149,10 @@ def step_microbatches(examples: list[Example], idx: np.ndarray, row_len: int, ro
     width) the last one shrinks to the next power of two times ``row_multiple``
     at or above the rows it holds, capped at ``rows``: a small step then computes
     a few padding rows, not a whole micro-batch of them, at the cost of at most
-    log2(rows) extra compiled shapes. ``max_segments=1`` gives one record per row
-    (no packing).
+    log2(rows) extra compiled shapes. With ``exact_rows`` every micro-batch has
+    just the rows it fills (at most ``rows``; for callers that compile once per
+    row count anyway, or pad themselves). ``max_segments=1`` gives one record per
+    row (no packing).
 
     With ``n_processes`` > 1, ``rows`` and ``row_multiple`` are global: the step's
     records are dealt to the processes by tokens (:func:`split_by_tokens`), each
@@ -177,8 +180,11 @@ def step_microbatches(examples: list[Example], idx: np.ndarray, row_len: int, ro
     for s in range(0, n_micro * rows_p, rows_p):
         chunk = packed[process][s:s + rows_p]
         n_rows = rows_p
-        if multiple:
-            n_rows = padded_rows(max(len(p[s:s + rows_p]) for p in packed), multiple, rows_p)
+        filled = max(len(p[s:s + rows_p]) for p in packed)
+        if exact_rows:
+            n_rows = max(filled, 1)
+        elif multiple:
+            n_rows = padded_rows(filled, multiple, rows_p)
         b = build_batch(toks, chunk, n_rows, row_len)
         w = b.weights.copy()
         for r, seg, i in b.slots:  # broadcast the record's coefficient over its scored tokens

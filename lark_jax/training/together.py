@@ -74,24 +74,14 @@ class TrainedTogether:
 
 
 def _pad_rows(mb: dict, rows: int, length: int) -> dict:
-    """A micro-batch cut or padded to [rows, length] (rows past ``rows`` must be padding):
-    padding tokens have segment -1, weight 0."""
+    """A micro-batch padded to [rows, length]: padding tokens have segment -1, weight 0."""
     out = {}
     for k, v in mb.items():
         fill = -1 if k == "segments" else 0
         a = np.full((rows, length), fill, v.dtype)
-        n = min(rows, v.shape[0])
-        a[:n, :v.shape[1]] = v[:n]
+        a[:v.shape[0], :v.shape[1]] = v
         out[k] = a
     return out
-
-
-def _used_rows(mb: dict | None) -> int:
-    """Rows up to the last one holding a token (at least 1)."""
-    if mb is None:
-        return 1
-    used = np.flatnonzero((mb["segments"] >= 0).any(axis=1))
-    return int(used[-1]) + 1 if used.size else 1
 
 
 def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainConfig], *,
@@ -129,11 +119,15 @@ def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainC
     # Runs whose every step would compute the same thing (same tokens, coefficients,
     # normalisers and record order) are trained once: e.g. LARK at budget 1 under the
     # record and the reference objective, where every chosen record weighs 1.
-    keys = [_run_key(ex, plan, c.objective, total) for ex, plan, c in runs]
+    # Every run's records and normaliser D per step, computed once (the key and the steps).
+    sched = [[(idx, step_denominator(ex, idx, c.objective))
+              for idx in map(plan.step_indices, range(total))] for ex, plan, c in runs]
+    keys = [_run_key(ex, c.objective, steps) for (ex, _, c), steps in zip(runs, sched,
+                                                                           strict=True)]
     same_as = [keys.index(k) for k in keys]
     unique = sorted(set(same_as))
     slot = {r: i for i, r in enumerate(unique)}
-    requested, runs = runs, [runs[r] for r in unique]
+    runs = [(runs[r][0], sched[r], runs[r][2]) for r in unique]
 
     graphdef, params = nnx.split(student.model)
     # Weights, Adam states (their step counts included) and batches replicated on the
@@ -171,21 +165,20 @@ def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainC
     pending = None
     for step in range(total):
         mbs, denoms = [], []
-        for r, (ex, plan, c) in enumerate(runs):
-            idx = plan.step_indices(step)
-            # batch_size rows always hold one step's records: one micro-batch per step.
+        for r, (ex, steps, c) in enumerate(runs):
+            idx, denom = steps[step]
+            # batch_size rows always hold one step's records: one micro-batch per step, of
+            # the rows its records fill and no more. A call compiles one step per row count
+            # that occurs (at most batch_size); rows rounded to a power of two computed
+            # 1.7x the demo pool's tokens, always batch_size rows about 3x.
             parts = list(step_microbatches(ex, idx, row_len, cfg0.batch_size,
-                                           row_multiple=1, objective=c.objective))
+                                           objective=c.objective, exact_rows=True))
             if len(parts) > 1:
                 raise LarkError("a step's records did not fit one micro-batch")
             mbs.append(parts[0] if parts else None)
-            denoms.append(step_denominator(ex, idx, c.objective) or 1.0)
+            denoms.append(denom or 1.0)
             tokens[r, step] = sum(len(ex[i].tok.ids) for i in idx if ex[i].weight > 0)
-        # A step computes the rows its records fill and no more (step_microbatches rounds
-        # them up to a power of two; trailing all-padding rows are dropped here): a call
-        # compiles one step per row count that occurs, at most batch_size. Power-of-two
-        # rows computed 1.7x the demo pool's tokens; always batch_size rows about 3x.
-        need = [_used_rows(m) for m in mbs]
+        need = [m["ids"].shape[0] if m is not None else 1 for m in mbs]
         empty = {k: np.zeros((0, row_len), np.int32) for k in
                  ("ids", "positions", "segments", "targets")} | {
             "weights": np.zeros((0, row_len), np.float32)}
@@ -216,12 +209,12 @@ def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainC
         u, s = np.argwhere(bad)[0]
         r = unique[u]
         raise LarkError(f"loss of run {r} ({data[r]}) became {losses[u, s]} at step {s + 1}")
-    back = [slot[same_as[r]] for r in range(len(requested))]
+    back = [slot[same_as[r]] for r in range(len(data))]
     return TrainedTogether(student, [states[i] for i in back], losses[back], gnorms[back],
                            tokens[back], same_as)
 
 
-def _run_key(ex, plan: StepPlan, objective: str, total: int) -> str:
+def _run_key(ex, objective: str, steps) -> str:
     """A digest of everything a run's steps compute from: each record's tokens, assistant
     span and loss coefficient, every step's records and normaliser D. Coefficients and
     normalisers enter to 12 significant digits: a selection's weights of 1 - 1e-16 (the
@@ -231,10 +224,8 @@ def _run_key(ex, plan: StepPlan, objective: str, total: int) -> str:
     for e in ex:
         coef = token_coefficient(e.weight, e.tok.n_targets, objective)
         h.update(e.tok.ids.tobytes() + f"{e.tok.start},{e.tok.end},{coef:.12g}".encode())
-    for step in range(total):
-        idx = plan.step_indices(step)
-        h.update(np.asarray(idx, np.int64).tobytes()
-                 + f"{step_denominator(ex, idx, objective):.12g}".encode())
+    for idx, denom in steps:  # (records, D) of every step
+        h.update(np.asarray(idx, np.int64).tobytes() + f"{denom:.12g}".encode())
     return h.hexdigest()
 
 
