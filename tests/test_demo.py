@@ -6,6 +6,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import one_device
 
@@ -205,6 +206,14 @@ def test_demo_end_to_end_outputs(demo_run):
     for r in [*rows.values(), {k: {"mean": v} for k, v in results["base"].items()}]:
         assert 0 <= r["bare"]["mean"] <= 1
         assert r["worked_pass@1"]["mean"] is None or 0 <= r["worked_pass@1"]["mean"] <= 1
+    # The guess floor: the k commonest answers of the pool's problems, scored on the bench.
+    bench = json.loads((out / "task" / "benchmark.json").read_text())
+    pool = [json.loads(x) for x in (out / "task" / "pool.jsonl").read_text().splitlines()]
+    g = results["guess"]
+    assert len(g["answers"]) == min(cfg.eval_samples, len({r["meta"]["answer"] for r in pool}))
+    assert g["acc"] == pytest.approx(np.mean([b["answer"] in g["answers"] for b in bench]))
+    assert g["acc_ci95"][0] <= g["acc"] <= g["acc_ci95"][1]
+    assert f"| guess {', '.join(g['answers'])} (no model) |" in (out / "results.md").read_text()
     for key in ("lark - random", "lark - all", "lark - lark-reference"):
         p = results["paired"][key]
         a, b = key.split(" - ")

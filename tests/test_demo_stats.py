@@ -80,3 +80,23 @@ def test_spearman():
     assert math.isnan(spearman([1, 2], [3, 4]))
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
     assert spearman([1, 2, float("nan"), 3, 4], [1, 2, 5, 3, 4]) == pytest.approx(1.0)
+
+
+def test_guess_floor_is_the_commonest_answer_set_and_counts_its_hits():
+    """Against brute force: the chosen k answers have the largest total training count of
+    all k-subsets, ties go to the smaller text, and the outcomes are membership tests."""
+    from lark_jax.demo.stats import guess_floor
+
+    rng = np.random.default_rng(3)
+    train = [str(x) for x in rng.integers(1, 8, size=40)]
+    bench = [str(x) for x in rng.integers(1, 9, size=25)]  # "8" never in training
+    counts = {a: train.count(a) for a in set(train)}
+    for k in (1, 2, 4):
+        guesses, hits = guess_floor(train, bench, k)
+        best = max(sum(counts[a] for a in c) for c in itertools.combinations(counts, k))
+        assert len(set(guesses)) == k and sum(counts[a] for a in guesses) == best
+        edge = min(counts[a] for a in guesses)
+        assert all(a > max(g for g in guesses if counts[g] == edge)
+                   for a in counts if a not in guesses and counts[a] == edge)
+        assert hits.tolist() == [float(b in guesses) for b in bench]
+    assert guess_floor(["3"], ["3", "4"], 5)[0] == ["3"]  # fewer distinct answers than k

@@ -14,6 +14,10 @@ methods fine-tune the same cached student for the same number of optimizer steps
   the accuracy of the others (those that show work). With answers in 1..20 a student can
   reach a sizeable ACC@k by recalling frequent answers; these two say how much of a
   method's ACC is solving (``stages.answer_styles``).
+* ``guess`` (one row, no model): ACC@k of answering every benchmark problem with the k
+  commonest answers of the pool's problems (``stats.guess_floor``), the floor a student
+  reaches without reading the problems; the headline says whether the best method's
+  interval lies above it.
 * ``ref_loss``: mean cross-entropy per assistant token of the fine-tuned student on the
   benchmark's *reference solutions* (one ``a op b = r.`` per operation, then the boxed
   answer; no teacher writes exactly this). Lower is better. It measures style as well as

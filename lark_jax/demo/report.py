@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lark_jax import fsio
-from lark_jax.demo.stats import mean_ci, paired_difference, resample_counts
+from lark_jax.demo.stats import guess_floor, mean_ci, paired_difference, resample_counts
 from lark_jax.demo.task import TEACHERS
 
 # -- report -----------------------------------------------------------------------------------
@@ -172,6 +172,10 @@ def build_results(ctx, t_start: float) -> dict:
     base = {k: _num(ctx.base_metrics[k])
             for k in ("acc", "pass@1", "ref_loss", "step_acc", *_STYLES)}
     base["acc_ci95"] = mean_ci(ctx.base_solved, resample_counts(1, n_problems))["ci95"]
+    pool_answers = {r["problem_id"]: r["meta"]["answer"] for r in ctx.task.pool}
+    guesses, hits = guess_floor(pool_answers.values(), [p.answer for p in ctx.bench.problems],
+                                cfg.eval_samples)
+    guess = {"answers": guesses, **mean_ci(hits[None], resample_counts(1, n_problems))}
 
     def best(key, higher):
         """The best method by mean, or "tie: a, b" ("all tied") when several share it."""
@@ -202,6 +206,7 @@ def build_results(ctx, t_start: float) -> dict:
         "n_bench_problems": n_problems,
         "seeds": seeds,
         "base": base,
+        "guess": {"acc": guess["mean"], "acc_ci95": guess["ci95"], "answers": guesses},
         "methods": rows,
         "paired": paired,
         "best": winners,
@@ -233,7 +238,8 @@ def _pts(x) -> str:
 
 
 def headline(results: dict) -> str:
-    """One sentence: is LARK's difference from random (and from all) resolved?"""
+    """One sentence: is LARK's difference from random (and from all) resolved? And one on
+    how far above blind guessing the best method is."""
     k = results["k"]
     parts = []
     for key in ("lark - random", "lark - all"):
@@ -245,7 +251,17 @@ def headline(results: dict) -> str:
                    else "not resolved (the interval contains 0)")
         parts.append(f"{key}: {_pts(d['mean'])} pts ACC@{k} [{_pts(lo)}, {_pts(hi)}], "
                      f"{verdict}")
-    return "; ".join(parts) + "." if parts else ""
+    text = "; ".join(parts) + "." if parts else ""
+    g = results.get("guess")
+    if g is not None and results["methods"]:
+        top = max(results["methods"], key=lambda r: r["acc"]["mean"])
+        lo = top["acc"]["ci95"][0]
+        where = ("above" if lo > g["acc"] else "not above")
+        text += (f" Blind guessing (the {k} commonest pool answers, no model) scores "
+                 f"{100 * g['acc']:.1f} % ACC@{k}; the best method, {top['method']} "
+                 f"({100 * top['acc']['mean']:.1f} %), is {where} it (lower CI bound "
+                 f"{100 * lo:.1f} %).")
+    return text
 
 
 def render_markdown(results: dict) -> str:
@@ -269,7 +285,8 @@ def render_markdown(results: dict) -> str:
         "seeds resampled); other columns: mean ± std over seeds. Bare answers: share of "
         "samples that are only a boxed number (no work shown); worked pass@1: accuracy of "
         "the samples that show work, i.e. solving rather than recalling or guessing an "
-        "answer.",
+        f"answer. guess: every benchmark problem answered with the {k} commonest answers of "
+        "the pool's problems (the ACC@k a student reaches without reading the problem).",
         "",
         f"| method | SFT objective | ACC@{k} (%) | 95 % CI | pass@1 (%) | bare answers (%) "
         "| worked pass@1 (%) | ref loss ↓ | step acc (%) | final SFT loss |",
@@ -282,6 +299,10 @@ def render_markdown(results: dict) -> str:
                  f"| {fmt(b['pass@1'], 100, 1)} | {fmt(b['bare'], 100, 1)} | "
                  f"{fmt(b['worked_pass@1'], 100, 1)} | {fmt(b['ref_loss'], 1, 3)} | "
                  f"{fmt(b['step_acc'], 100, 1)} | - |")
+    g = results.get("guess")
+    if g is not None:
+        lines.append(f"| guess {', '.join(g['answers'])} (no model) | - | "
+                     f"{fmt(g['acc'], 100, 1)} | {ci(g['acc_ci95'])} | - | - | - | - | - | - |")
     for r in results["methods"]:
         name = f"**{r['method']}**" if r["method"].startswith("lark") else r["method"]
         lines.append(f"| {name} | {r['objective']} | {fmt(r['acc']['mean'], 100, 1)} | "

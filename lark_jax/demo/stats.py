@@ -82,3 +82,20 @@ def paired_difference(a: np.ndarray, b: np.ndarray, counts=None) -> dict:
     d = mean_ci(np.asarray(a, np.float64) - np.asarray(b, np.float64), counts)
     lo, hi = d["ci95"]
     return {**d, "resolved": bool(lo > 0 or hi < 0)}
+
+
+def guess_floor(train_answers, bench_answers, k: int) -> tuple[list[str], np.ndarray]:
+    """The blind-guess floor of ACC@k: a 'student' that answers every benchmark problem
+    with the k commonest answers of its training problems (``train_answers``, one per
+    problem; ties broken by the answer's text) solves exactly the problems whose answer is
+    among them. Returns those answers and the [P] 0/1 outcomes.
+
+    ACC@k near this floor is reached without reading the problem at all; gains above it are
+    what fine-tuning taught beyond the answers' distribution.
+    """
+    counts: dict[str, int] = {}
+    for a in train_answers:
+        counts[a] = counts.get(a, 0) + 1
+    guesses = sorted(counts, key=lambda a: (-counts[a], a))[:k]
+    chosen = set(guesses)
+    return guesses, np.array([a in chosen for a in bench_answers], np.float64)
