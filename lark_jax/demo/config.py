@@ -40,6 +40,12 @@ class DemoConfig:
     eval_samples: int = 4
     temperature: float = 0.6
     top_p: float = 0.95
+    # The published protocol's 1.1 divides the logit of every token already in the prompt,
+    # and here the answer is built by copying the problem's numbers (a 500-token vocabulary,
+    # each number one token): it penalises exactly the right operands. Measured on a student
+    # fine-tuned on the stepwise teacher (200 problems x 4 samples): pass@1 10.4 % at 1.1,
+    # 14.4 % at 1.0.
+    repetition_penalty: float = 1.0
     max_new_tokens: int = 200  # the longest teacher (rambler) writes under 190 tokens
     utility: bool = True  # per-teacher fine-tunes for the utility diagnostic
     gradient_check: bool = True  # rescore with --estimator gradient: proxy ρ vs exact rate
@@ -65,26 +71,35 @@ class DemoConfig:
                 raise LarkError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise LarkError("lr must be > 0")
+        if not self.repetition_penalty > 0:
+            raise LarkError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
 def demo_config(quick: bool = False, *, tiny: bool = False, seeds=None, **overrides
                 ) -> DemoConfig:
     """The presets: full (default), ``quick`` (smaller), ``tiny`` (tests and CI).
 
-    quick  160-problem pool, 500-problem benchmark, 0.8M-parameter student (hidden 128, 4
-           layers) pre-trained 600 steps at lr 3e-3, 300-step fine-tunes of 8 records at
+    quick  800-problem pool, 500-problem benchmark, 0.8M-parameter student (hidden 128, 4
+           layers) pre-trained 2000 steps at lr 3e-3, 900-step fine-tunes of 8 records at
            lr 3e-3, ACC@4, seeds 0, 1, 2, methods ``QUICK_METHODS``. Batches of 8 rather
            than 16 halve the fine-tunes' cost; 'all' gained +24.5 points with them against
            +20.5 with 16 (200 problems, one seed each: within noise, not a loss).
+           Pre-training: after 600 steps the student predicted 74 % of held-out arithmetic
+           facts (teacher-forced argmax) and 68 % of the numbers of a retelling; after 2000,
+           99.8 % and 87 %. Pool: 800 problems, not 160: a budget-1 selection is seen 9 times
+           in 900 x 8 records (160 records would be seen 45 times). Steps:
+           fine-tuned on the stepwise teacher's 800 records alone, the student reached
+           pass@1 14.4 % after 300 steps and 35.9 % after 900 (ACC@4 36.5 -> 58.0 %, 200
+           problems); 300 steps at lr 1e-2 gave 12.9 %: passes, not the lr.
     full   400-problem pool, 1000-problem benchmark, 3.1M-parameter student (hidden 256, 4
            layers) pre-trained 600 steps at lr 3e-3, 300-step fine-tunes at lr 3e-3, ACC@5,
            seeds 0, 1, 2 (not yet run end to end at these settings).
     tiny   a few problems and steps: checks that everything runs, measures nothing.
 
     The pre-training corpus has no worked solutions (``task.pretrain_corpus``), so solving
-    must be learnt in fine-tuning, which takes long fine-tunes at a high lr: 100 steps left
-    'all' within ~10 points of the untouched student, 300 steps gained ~20 (200 problems,
-    one seed).
+    must be learnt in fine-tuning, which takes long fine-tunes. With answers in 1..20,
+    ACC@k up to the blind-guess floor (the report's ``guess`` row; ~30 % at ACC@4 in the
+    quick task) needs no solving at all.
     """
     if tiny:
         cfg = DemoConfig(
@@ -97,11 +112,11 @@ def demo_config(quick: bool = False, *, tiny: bool = False, seeds=None, **overri
     elif quick:
         cfg = DemoConfig(
             preset="quick",
-            task=TaskConfig(n_pool=160, n_bench=500, n_pretrain=1200),
+            task=TaskConfig(n_pool=800, n_bench=500, n_pretrain=1200),
             student=StudentRecipe(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                                  intermediate_size=352, pretrain_steps=600, batch_size=16,
+                                  intermediate_size=352, pretrain_steps=2000, batch_size=16,
                                   lr=3e-3),
-            seeds=(0, 1, 2), methods=QUICK_METHODS, steps=300, batch_size=8, lr=3e-3,
+            seeds=(0, 1, 2), methods=QUICK_METHODS, steps=900, batch_size=8, lr=3e-3,
             eval_samples=4)
     else:
         cfg = DemoConfig(

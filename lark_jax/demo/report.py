@@ -357,7 +357,8 @@ def render_markdown(results: dict) -> str:
               f"{_fmt_r(d['spearman_rho_proxy_vs_gradient'])}.",
               "",
               "Definitions: ACC@k = share of benchmark problems with a correct answer among k "
-              f"samples (temperature {cfg['temperature']}, top-p {cfg['top_p']}). ref loss = "
+              f"samples (temperature {cfg['temperature']}, top-p {cfg['top_p']}, repetition "
+              f"penalty {cfg['repetition_penalty']}). ref loss = "
               "mean CE per assistant token on the benchmark's reference solutions (it "
               "measures style as well as arithmetic). step acc = share of the reference "
               "solutions' intermediate results predicted exactly, teacher-forced. Utility of "

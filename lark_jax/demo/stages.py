@@ -210,6 +210,7 @@ def evaluate(ctx: DemoContext, student, name: str, seed: int) -> tuple[dict, np.
     n = len(ctx.bench.problems)
     ecfg = EvalConfig(seed=seed, samples=cfg.eval_samples, temperature=cfg.temperature,
                       top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, system_prompt="",
+                      repetition_penalty=cfg.repetition_penalty,
                       batch_size=min(256, cfg.eval_samples * n))
     with ctx.stage("eval"), ctx.rep.bar(cfg.eval_samples * n, f"eval {name}",
                                         unit="sample") as advance:
