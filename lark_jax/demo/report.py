@@ -22,7 +22,8 @@ _TEACHER_COLORS = {"stepwise": "tab:blue", "terse": "tab:orange", "stack": "tab:
 
 def plots(ctx, results: dict) -> dict[str, Path]:
     """sft_loss.png (every method, first seed), lark_vs_utility.png (the paper's two
-    diagnostics and the proxy against the exact rate) and acc_ci.png (ACC with intervals)."""
+    diagnostics and the proxy against the exact rate) and acc_ci.png (ACC with intervals,
+    the untouched student and the blind-guess floor)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,6 +89,9 @@ def plots(ctx, results: dict) -> dict[str, Path]:
     ax.errorbar(means, y, xerr=[means - ci[:, 0], ci[:, 1] - means], fmt="o", capsize=3)
     base = 100 * ctx.base_metrics["acc"]
     ax.axvline(base, color="grey", ls="--", lw=1, label=f"untouched student {base:.1f}%")
+    guess = 100 * results["guess"]["acc"]
+    ax.axvline(guess, color="tab:red", ls=":", lw=1,
+               label=f"blind guess ({cfg.eval_samples} commonest answers) {guess:.1f}%")
     ax.set_yticks(y, names)
     ax.set_xlabel(f"ACC@{cfg.eval_samples} (%), mean and 95 % bootstrap interval "
                   "(problems x seeds)")
