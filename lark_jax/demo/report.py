@@ -179,7 +179,7 @@ def build_results(ctx, t_start: float) -> dict:
     pool_answers = {r["problem_id"]: r["meta"]["answer"] for r in ctx.task.pool}
     guesses, hits = guess_floor(pool_answers.values(), [p.answer for p in ctx.bench.problems],
                                 cfg.eval_samples)
-    guess = {"answers": guesses, **mean_ci(hits[None], resample_counts(1, n_problems))}
+    guess = mean_ci(hits[None], resample_counts(1, n_problems))
 
     def best(key, higher):
         """The best method by mean, or "tie: a, b" ("all tied") when several share it."""
@@ -256,11 +256,11 @@ def headline(results: dict) -> str:
         parts.append(f"{key}: {_pts(d['mean'])} pts ACC@{k} [{_pts(lo)}, {_pts(hi)}], "
                      f"{verdict}")
     text = "; ".join(parts) + "." if parts else ""
-    g = results.get("guess")
-    if g is not None and results["methods"]:
+    g = results["guess"]
+    if results["methods"]:
         top = max(results["methods"], key=lambda r: r["acc"]["mean"])
         lo = top["acc"]["ci95"][0]
-        where = ("above" if lo > g["acc"] else "not above")
+        where = "above" if lo > g["acc"] else "not above"
         text += (f" Blind guessing (the {k} commonest pool answers, no model) scores "
                  f"{100 * g['acc']:.1f} % ACC@{k}; the best method, {top['method']} "
                  f"({100 * top['acc']['mean']:.1f} %), is {where} it (lower CI bound "
@@ -303,10 +303,9 @@ def render_markdown(results: dict) -> str:
                  f"| {fmt(b['pass@1'], 100, 1)} | {fmt(b['bare'], 100, 1)} | "
                  f"{fmt(b['worked_pass@1'], 100, 1)} | {fmt(b['ref_loss'], 1, 3)} | "
                  f"{fmt(b['step_acc'], 100, 1)} | - |")
-    g = results.get("guess")
-    if g is not None:
-        lines.append(f"| guess {', '.join(g['answers'])} (no model) | - | "
-                     f"{fmt(g['acc'], 100, 1)} | {ci(g['acc_ci95'])} | - | - | - | - | - | - |")
+    g = results["guess"]
+    lines.append(f"| guess {', '.join(g['answers'])} (no model) | - | {fmt(g['acc'], 100, 1)} "
+                 f"| {ci(g['acc_ci95'])} | - | - | - | - | - | - |")
     for r in results["methods"]:
         name = f"**{r['method']}**" if r["method"].startswith("lark") else r["method"]
         lines.append(f"| {name} | {r['objective']} | {fmt(r['acc']['mean'], 100, 1)} | "
