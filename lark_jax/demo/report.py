@@ -176,9 +176,8 @@ def build_results(ctx, t_start: float) -> dict:
     base = {k: _num(ctx.base_metrics[k])
             for k in ("acc", "pass@1", "ref_loss", "step_acc", *_STYLES)}
     base["acc_ci95"] = mean_ci(ctx.base_solved, resample_counts(1, n_problems))["ci95"]
-    pool_answers = {r["problem_id"]: r["meta"]["answer"] for r in ctx.task.pool}
-    guesses, hits = guess_floor(pool_answers.values(), [p.answer for p in ctx.bench.problems],
-                                cfg.eval_samples)
+    guesses, hits = guess_floor([str(p.answer) for p in ctx.task.problems["pool"]],
+                                [p.answer for p in ctx.bench.problems], cfg.eval_samples)
     guess = mean_ci(hits[None], resample_counts(1, n_problems))
 
     def best(key, higher):
