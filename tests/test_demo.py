@@ -94,12 +94,25 @@ def test_bad_options_raise_lark_error(tmp_path):
         demo_config(tiny=True, methods=("lark", "best")).validate()
     with pytest.raises(LarkError, match="steps"):
         demo_config(tiny=True, steps=0).validate()
+    with pytest.raises(LarkError, match="epochs"):
+        demo_config(tiny=True, epochs=0).validate()
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "precious.txt").write_text("keep me")
     with pytest.raises(LarkError, match="not empty"):
         run_demo(busy, tiny=True, cache_dir=tmp_path / "cache", mesh=one_device())
     assert (busy / "precious.txt").read_text() == "keep me"
+
+
+def test_run_length_is_epochs_of_each_selection_or_one_step_count():
+    # The published rule: steps = ceil(N / batch) x epochs.
+    cfg = demo_config(quick=True)
+    assert (cfg.epochs, cfg.batch_size) == (4, 8)
+    assert [cfg.run_steps(n) for n in (800, 6400, 801, 1)] == [400, 3200, 404, 4]
+    # A step count given instead replaces the preset's epochs: every run the same length.
+    fixed = demo_config(quick=True, steps=70)
+    assert fixed.epochs is None and {fixed.run_steps(n) for n in (1, 800, 6400)} == {70}
+    assert demo_config(quick=True, steps=70, epochs=2).run_steps(800) == 200
 
 
 def test_command_options(tmp_path):
@@ -119,6 +132,11 @@ def test_command_options(tmp_path):
     with pytest.raises(LarkError, match="steps"):
         command.run(p.parse_args(["--tiny", "--steps", "0", "--out", str(tmp_path / "o")]),
                     quiet)
+    with pytest.raises(LarkError, match="epochs"):
+        command.run(p.parse_args(["--tiny", "--epochs", "0", "--out", str(tmp_path / "o")]),
+                    quiet)
+    with pytest.raises(SystemExit):  # one or the other
+        p.parse_args(["--tiny", "--epochs", "2", "--steps", "9"])
     with pytest.raises(LarkError, match="seeds"):
         command.run(p.parse_args(["--tiny", "--seeds", "1,x"]), quiet)
     with pytest.raises(LarkError, match="distinct"):
@@ -181,9 +199,10 @@ def test_demo_end_to_end_outputs(demo_run):
         assert 0 <= r["acc"]["mean"] <= 1 and 0 <= r["step_acc"]["mean"] <= 1
         assert r["ref_loss"]["mean"] > 0
         assert sum(r["teacher_mix"].values()) == pytest.approx(1.0)
-        # Same number of optimizer steps for every method.
+        # Same number of epochs for every method (tiny: 1 epoch of batches of 8), so 'all'
+        # (96 records) takes 12 steps and a budget-1 selection (12 records) 2.
         lines = (out / "runs" / f"{m}-s0" / "metrics.jsonl").read_text().splitlines()
-        assert len(lines) == cfg.steps
+        assert len(lines) == r["steps"] == math.ceil(r["n_records"] / 8) * cfg.epochs
         evaluated = r["same_training_as"][0] or f"{m}-s0"  # a shared eval is its twin's
         assert (out / "evals" / evaluated / "summary.json").is_file()
     # Budget 1: one record per problem, except "all" which keeps every candidate.

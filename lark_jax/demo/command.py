@@ -28,8 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "max-loss); 'lark' is required")
     p.add_argument("--no-utility", action="store_true",
                    help="skip the per-teacher fine-tunes of the utility diagnostic")
-    p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps of every fine-tune (default: the preset's)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=None,
+                        help="epochs of every fine-tune, steps = ceil(records / batch) x "
+                             "epochs as published (default: the preset's)")
+    length.add_argument("--steps", type=int, default=None,
+                        help="the same number of optimizer steps for every fine-tune "
+                             "instead of epochs")
     p.add_argument("--cache-dir", default=None,
                    help="where the built student is cached (default: $LARK_JAX_CACHE or "
                         "~/.cache/lark-jax)")
@@ -54,6 +59,8 @@ def run(args, rep: Reporter) -> None:
 
     tiny = args.tiny or os.environ.get("LARK_JAX_DEMO_TINY") == "1"
     overrides = {} if args.steps is None else {"steps": args.steps}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
     if args.methods is not None:
         overrides["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.no_utility:

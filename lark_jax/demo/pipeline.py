@@ -5,7 +5,9 @@ project's own stages (``score_pool``, ``selection.select``, ``train``, ``run_eva
 writes ``results.md``, ``results.json`` and two PNG plots. What is measured:
 
 Per method (LARK and the baselines, one selection per seed, budget B per problem; all
-methods fine-tune the same cached student for the same number of optimizer steps):
+methods fine-tune the same cached student for the same number of epochs, as published, so
+that 'all' takes K times the steps of a budget-1 selection, or, with ``steps``, for the same
+number of optimizer steps):
 
 * ``acc@k`` and ``pass@1`` on the held-out benchmark: k samples per problem at temperature
   ``temperature`` / ``top_p``, first ``\\boxed{}`` answer (or last number) checked with
@@ -31,7 +33,7 @@ Diagnostics (the paper's two plots):
 * SFT loss curves of every method (seed of the first run) on one chart.
 * LARK score vs measured training utility. Per teacher: the LARK score is the mean ĝ of the
   teacher's trajectories; its *utility* is the drop of ``ref_loss`` (base student minus
-  student fine-tuned only on that teacher's pool trajectories, same steps, lr and batch as
+  student fine-tuned only on that teacher's pool trajectories, same epochs, lr and batch as
   the methods, first seed). Per trajectory: ρ_k = Brier/L, LARK's predicted rate of loss
   decrease, against the measured rate ``log(L_before / L_after)`` of the same trajectory
   after the ``all`` run (fine-tuning on the whole pool). Spearman correlations of both.

@@ -162,6 +162,7 @@ def build_results(ctx, t_start: float) -> dict:
     for m in cfg.methods:
         row = {"method": m, "objective": runs[m][seeds[0]]["objective"], "n_seeds": len(seeds),
                "n_records": runs[m][seeds[0]]["n_records"],
+               "steps": runs[m][seeds[0]]["steps"],
                "teacher_mix": runs[m][seeds[0]]["teacher_mix"]}
         for key in [spec[0] for spec in _METRICS] + list(_STYLES) + ["final_train_loss"]:
             mean, std = _mean_std([runs[m][s][key] for s in seeds])
@@ -236,6 +237,19 @@ def _cell(stat: dict, scale: float, digits: int) -> str:
     return s
 
 
+def _length(results: dict) -> str:
+    """How long the fine-tunes were: epochs (steps per method) or one step count."""
+    cfg = results["config"]
+    if cfg["epochs"] is None:
+        return f"{cfg['steps']} optimizer steps of {cfg['batch_size']} records"
+    by_steps: dict[int, list[str]] = {}
+    for r in results["methods"]:
+        by_steps.setdefault(r["steps"], []).append(r["method"])
+    steps = "; ".join(f"{', '.join(ms)} {n}" for n, ms in sorted(by_steps.items()))
+    return (f"{cfg['epochs']} epochs in batches of {cfg['batch_size']} records, as published"
+            f" (steps = ceil(records / {cfg['batch_size']}) x {cfg['epochs']}: {steps})")
+
+
 def _pts(x) -> str:
     return f"{100 * x:+.1f}"
 
@@ -282,8 +296,8 @@ def render_markdown(results: dict) -> str:
         f"vocabulary {st['vocab_size']}), pre-trained {st['pretrain_steps']} steps. "
         f"Pool: {cfg['task']['n_pool']} problems x 8 candidates from 6 teachers; benchmark: "
         f"{n} held-out problems, {k} samples each. Every method: budget "
-        f"{cfg['budget']} per problem ('all' keeps every candidate), {cfg['steps']} "
-        f"optimizer steps of {cfg['batch_size']} records, lr {cfg['lr']:g}; seeds {seeds}. "
+        f"{cfg['budget']} per problem ('all' keeps every candidate), {_length(results)}, "
+        f"lr {cfg['lr']:g}; seeds {seeds}. "
         "ACC: mean over seeds and problems with a 95 % bootstrap interval (problems and "
         "seeds resampled); other columns: mean ± std over seeds. Bare answers: share of "
         "samples that are only a boxed number (no work shown); worked pass@1: accuracy of "
@@ -365,8 +379,8 @@ def render_markdown(results: dict) -> str:
               "measures style as well as arithmetic). step acc = share of the reference "
               "solutions' intermediate results predicted exactly, teacher-forced. Utility of "
               "a teacher = ref loss of the untouched student minus ref loss after fine-tuning "
-              "on that teacher's pool trajectories only (same steps, lr and batch; first "
-              "seed). Own held-out rate = log of the ratio of the teacher's held-out "
+              "on that teacher's pool trajectories only (same epochs or steps, lr and "
+              "batch; first seed). Own held-out rate = log of the ratio of the teacher's held-out "
               "trajectory loss before/after that fine-tune.",
               "", f"Wall time {results['seconds']:.0f}s "
               f"({', '.join(f'{k} {v:.0f}s' for k, v in results['timings_s'].items())}).", ""]

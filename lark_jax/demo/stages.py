@@ -261,24 +261,25 @@ def selection_records(table, sel, found) -> tuple[list[dict], dict]:
     return recs, {t: v / total for t, v in mix.items()}
 
 
-def _train_config(cfg: DemoConfig, seed: int, objective: str):
+def _train_config(cfg: DemoConfig, seed: int, objective: str, steps: int):
     from lark_jax.training.trainer import TrainConfig
 
-    return TrainConfig(epochs=10**6, max_steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+    return TrainConfig(epochs=10**6, max_steps=steps, lr=cfg.lr, batch_size=cfg.batch_size,
                        max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio,
                        micro_batch_tokens=cfg.row_length * 8, seed=seed, objective=objective)
 
 
-def _utility_file(ctx: DemoContext, teacher: str) -> Path:
-    """Every pool trajectory of one teacher, weight 1 (the utility diagnostic's data)."""
+def _utility_file(ctx: DemoContext, teacher: str) -> tuple[Path, int]:
+    """Every pool trajectory of one teacher, weight 1 (the utility diagnostic's data), and
+    how many there are."""
     data = ctx.out / "utility" / f"{teacher}.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(data, ({"messages": r["messages"],
-                         "meta": {"problem_id": r["problem_id"],
-                                  "candidate_id": r["candidate_id"], "teacher": teacher,
-                                  "train_weight": 1.0}}
-                        for r in ctx.task.pool if r["teacher"] == teacher))
-    return data
+    rows = [{"messages": r["messages"],
+             "meta": {"problem_id": r["problem_id"], "candidate_id": r["candidate_id"],
+                      "teacher": teacher, "train_weight": 1.0}}
+            for r in ctx.task.pool if r["teacher"] == teacher]
+    _write_jsonl(data, rows)
+    return data, len(rows)
 
 
 def _write_metrics(path: Path, together, r: int, lrs: list[float]) -> None:
@@ -297,6 +298,7 @@ class _Job:
     seed: int
     objective: str
     data: Path
+    steps: int  # optimizer steps (``DemoConfig.run_steps`` of its record count)
     info: dict  # what the results table keeps of the selection
     utility: bool = False
 
@@ -320,31 +322,46 @@ def run_methods(ctx: DemoContext) -> None:
             write_selection(data, recs, {"policy": policy, "objective": objective,
                                          "budget": cfg.budget, "seed": seed,
                                          "n_records": len(recs), "teacher_mix": mix})
-            jobs.append(_Job(method, seed, objective, data,
+            steps = cfg.run_steps(len(recs))
+            jobs.append(_Job(method, seed, objective, data, steps,
                              {"n_records": len(recs), "teacher_mix": mix,
-                              "objective": objective}))
+                              "objective": objective, "steps": steps}))
     if cfg.utility:
-        jobs += [_Job(t, cfg.seeds[0], "record", _utility_file(ctx, t), {}, utility=True)
-                 for t in TEACHERS]
-    cfgs = [_train_config(cfg, j.seed, j.objective) for j in jobs]
-    with ctx.stage("train"), ctx.rep.bar(cfg.steps, f"train {len(jobs)} runs together",
-                                         unit="step") as advance:
-        together = train_together(ctx.base, [j.data for j in jobs], cfgs,
-                                  progress=lambda step, total: advance(1))
-    lrs = learning_rates(cfgs[0])
+        for t in TEACHERS:
+            data, n = _utility_file(ctx, t)
+            jobs.append(_Job(t, cfg.seeds[0], "record", data, cfg.run_steps(n),
+                             {"n_records": n, "steps": cfg.run_steps(n)}, utility=True))
+    # One train_together call per run length (its runs share one schedule): under epochs,
+    # 'all' and the per-teacher runs are longer than the budget-B selections.
+    trained: dict[int, tuple[Any, int, list[float]]] = {}  # job -> (result, its row, lrs)
+    same_as: dict[int, int] = {}  # job -> the first job that computes the same steps
+    lengths = sorted({j.steps for j in jobs})
+    with ctx.stage("train"), ctx.rep.bar(sum(j.steps for j in jobs), f"train {len(jobs)} runs",
+                                         unit="run-step") as advance:
+        for steps in lengths:
+            group = [r for r, j in enumerate(jobs) if j.steps == steps]
+            cfgs = [_train_config(cfg, jobs[r].seed, jobs[r].objective, steps) for r in group]
+            n = len(group)
+            together = train_together(ctx.base, [jobs[r].data for r in group], cfgs,
+                                      progress=lambda step, total, n=n: advance(n))
+            lrs = learning_rates(cfgs[0])
+            for i, r in enumerate(group):
+                trained[r] = (together, i, lrs)
+                same_as[r] = group[together.same_as[i]]
     ctx.runs = {m: {} for m in cfg.methods}
     ctx.solved = {m: {} for m in cfg.methods}
     measured: dict[int, tuple[dict, np.ndarray]] = {}  # job -> (eval + held-out, solved)
     for r, j in enumerate(jobs):
-        tuned = together.student(r)
-        final = {"final_train_loss": float(together.losses[r, -1]), **j.info}
+        together, i, lrs = trained[r]
+        tuned = together.student(i)
+        final = {"final_train_loss": float(together.losses[i, -1]), **j.info}
         if j.utility:
             with ctx.stage("heldout"):
                 ctx.utility[j.key] = {**final, **heldout(ctx, tuned, teachers=True)}
             continue
         name = f"{j.key}-s{j.seed}"
-        _write_metrics(ctx.out / "runs" / name / "metrics.jsonl", together, r, lrs)
-        first = together.same_as[r]
+        _write_metrics(ctx.out / "runs" / name / "metrics.jsonl", together, i, lrs)
+        first = same_as[r]
         if first != r and first in measured and jobs[first].seed == j.seed:
             # The same training (e.g. LARK at budget 1 under either objective) and the same
             # sampling seed: the same student and the same eval. Shared, not recomputed.
