@@ -4,8 +4,8 @@
 
 (``report`` then turns the context into results.json, results.md and the plots). Every
 stage calls the project's own entry points (``score_pool``, ``selection.select``,
-``run_eval``), so the demo exercises what a user runs; the fine-tunes run together in one
-vmapped step (``training.together``, which equals ``train`` run by run).
+``run_eval``), so the demo exercises what a user runs; the fine-tunes of one length share
+one compiled step (``training.together``, which equals ``train`` run by run).
 """
 
 from __future__ import annotations
@@ -325,12 +325,12 @@ def run_methods(ctx: DemoContext) -> None:
             steps = cfg.run_steps(len(recs))
             jobs.append(_Job(method, seed, objective, data, steps,
                              {"n_records": len(recs), "teacher_mix": mix,
-                              "objective": objective, "steps": steps}))
+                              "objective": objective}))
     if cfg.utility:
         for t in TEACHERS:
             data, n = _utility_file(ctx, t)
             jobs.append(_Job(t, cfg.seeds[0], "record", data, cfg.run_steps(n),
-                             {"n_records": n, "steps": cfg.run_steps(n)}, utility=True))
+                             {"n_records": n}, utility=True))
     # One train_together call per run length (its runs share one schedule): under epochs,
     # 'all' and the per-teacher runs are longer than the budget-B selections.
     trained: dict[int, tuple[Any, int, list[float]]] = {}  # job -> (result, its row, lrs)
@@ -354,7 +354,8 @@ def run_methods(ctx: DemoContext) -> None:
     for r, j in enumerate(jobs):
         together, i, lrs = trained[r]
         tuned = together.student(i)
-        final = {"final_train_loss": float(together.losses[i, -1]), **j.info}
+        final = {"final_train_loss": float(together.losses[i, -1]), "steps": j.steps,
+                 **j.info}
         if j.utility:
             with ctx.stage("heldout"):
                 ctx.utility[j.key] = {**final, **heldout(ctx, tuned, teachers=True)}
