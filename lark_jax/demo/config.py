@@ -109,7 +109,7 @@ def demo_config(quick: bool = False, *, tiny: bool = False, seeds=None, **overri
     full   400-problem pool, 1000-problem benchmark, 3.1M-parameter student (hidden 256, 4
            layers) pre-trained 600 steps at lr 3e-3, fine-tunes of the published 5 epochs at
            lr 3e-3, ACC@5, seeds 0, 1, 2 (not yet run end to end at these settings).
-    tiny   a few problems and steps: checks that everything runs, measures nothing.
+    tiny   a few problems, one epoch: checks that everything runs, measures nothing.
 
     The pre-training corpus has no worked solutions (``task.pretrain_corpus``), so solving
     must be learnt in fine-tuning, which takes long fine-tunes. With answers in 1..20,

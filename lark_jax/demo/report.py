@@ -88,6 +88,9 @@ def plots(ctx, results: dict) -> dict[str, Path]:
 def acc_plot(results: dict, path: Path) -> None:
     """Every method's ACC@k with its interval, the untouched student and the guess floor
     (from results.json alone)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     k, rows = results["k"], results["methods"]
