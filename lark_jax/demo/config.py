@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from lark_jax.demo.student import StudentRecipe
 from lark_jax.demo.task import TaskConfig
@@ -59,10 +58,13 @@ class DemoConfig:
     row_length: int = 256
 
     def run_steps(self, n_records: int) -> int:
-        """Optimizer steps of a fine-tune on ``n_records`` records (see ``epochs``)."""
+        """Optimizer steps of a fine-tune on ``n_records`` records (see ``epochs``): the
+        trainer's own rule (``StepPlan.total_steps``)."""
+        from lark_jax.training.data import StepPlan
+
         if self.epochs is None:
             return self.steps
-        return math.ceil(n_records / self.batch_size) * self.epochs
+        return StepPlan(n_records, self.batch_size, self.epochs, None, 0).total_steps
 
     def validate(self) -> None:
         self.task.validate()
