@@ -203,6 +203,7 @@ def test_demo_end_to_end_outputs(demo_run):
         # (96 records) takes 12 steps and a budget-1 selection (12 records) 2.
         lines = (out / "runs" / f"{m}-s0" / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == r["steps"] == math.ceil(r["n_records"] / 8) * cfg.epochs
+        assert json.loads(lines[-1])["epoch"] == cfg.epochs
         evaluated = r["same_training_as"][0] or f"{m}-s0"  # a shared eval is its twin's
         assert (out / "evals" / evaluated / "summary.json").is_file()
     # Budget 1: one record per problem, except "all" which keeps every candidate.

@@ -57,14 +57,18 @@ class DemoConfig:
     max_length: int = 512
     row_length: int = 256
 
-    def run_steps(self, n_records: int) -> int:
-        """Optimizer steps of a fine-tune on ``n_records`` records (see ``epochs``): the
-        trainer's own rule (``StepPlan.total_steps``)."""
+    def steps_per_epoch(self, n_records: int) -> int:
+        """Optimizer steps of one pass over ``n_records`` records (the trainer's rule,
+        ``StepPlan.steps_per_epoch``: ceil(n_records / batch_size))."""
         from lark_jax.training.data import StepPlan
 
+        return StepPlan(n_records, self.batch_size, 1, None, 0).steps_per_epoch
+
+    def run_steps(self, n_records: int) -> int:
+        """Optimizer steps of a fine-tune on ``n_records`` records (see ``epochs``)."""
         if self.epochs is None:
             return self.steps
-        return StepPlan(n_records, self.batch_size, self.epochs, None, 0).total_steps
+        return self.steps_per_epoch(n_records) * self.epochs
 
     def validate(self) -> None:
         self.task.validate()

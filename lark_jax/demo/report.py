@@ -37,8 +37,10 @@ def plots(ctx, results: dict) -> dict[str, Path]:
     seed = cfg.seeds[0]
     loss_png = plots_dir / "sft_loss.png"
     methods = [m for m in cfg.methods if seed in runs[m]]
+    # By epoch: under the published rule 'all' runs K times the steps of a budget-B run.
     plot_loss([out / "runs" / f"{m}-s{seed}" / "metrics.jsonl" for m in methods], loss_png,
-              labels=methods)
+              labels=methods,
+              steps_per_epoch=[cfg.steps_per_epoch(runs[m][seed]["n_records"]) for m in methods])
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     ax = axes[0]

@@ -550,8 +550,10 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
                         str(final))
 
 
-def plot_loss(metrics_paths, out_png: Path, labels=None) -> None:
-    """One chart of loss vs step for one or several metrics.jsonl files."""
+def plot_loss(metrics_paths, out_png: Path, labels=None, steps_per_epoch=None) -> None:
+    """One chart of loss vs step for one or several metrics.jsonl files; vs epoch (step /
+    steps per epoch, one number per file) when ``steps_per_epoch`` is given, so that runs
+    on selections of different sizes compare pass for pass."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -562,9 +564,10 @@ def plot_loss(metrics_paths, out_png: Path, labels=None) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, p in enumerate(metrics_paths):
         recs = [json.loads(ln) for ln in Path(p).read_text().splitlines() if ln.strip()]
-        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs],
+        per = steps_per_epoch[i] if steps_per_epoch else 1
+        ax.plot([r["step"] / per for r in recs], [r["loss"] for r in recs],
                 label=labels[i] if labels else None)
-    ax.set_xlabel("optimizer step")
+    ax.set_xlabel("epoch" if steps_per_epoch else "optimizer step")
     ax.set_ylabel("weighted SFT loss")
     if labels:
         ax.legend()
