@@ -4,6 +4,7 @@ the whole pipeline end to end in its tiny configuration; the notebook headless (
 import json
 import math
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,32 @@ def test_problems_are_disjoint_and_the_corpus_independent_of_pool_size():
     assert not (pools & bench or pools & pre or bench & pre)
     other = build_task(TaskConfig(n_pool=10, n_bench=5, n_pretrain=60))
     assert other.pretrain == t.pretrain  # so the cached student serves any pool size
+
+
+def test_corpus_has_every_teachers_words_but_no_solution_and_no_wrong_fact():
+    import re
+
+    from lark_jax.demo.task import SNIPPETS_PROMPT, trajectories
+
+    t = build_task(TaskConfig(n_pool=5, n_bench=5, n_pretrain=200))
+    texts = [r["messages"][-1]["content"] for r in t.pretrain]
+    # Every equation the student reads in pre-training is true (the rambler's slips are cut).
+    for m in re.finditer(r"(\d+) ([-+*/]) (\d+) = (\d+)", "\n".join(texts)):
+        a, op, b, r = m.groups()
+        assert eval(f"{a} {op.replace('/', '//')} {b}") == int(r), m.group()  # noqa: S307
+        assert op != "/" or int(a) % int(b) == 0, m.group()
+    snips = [ln for r in t.pretrain if r["messages"][0]["content"] == SNIPPETS_PROMPT
+             for ln in r["messages"][-1]["content"].split("\n")]
+    assert snips and max(len(s.split()) for s in snips) <= 6
+    corpus = "\n".join(texts)
+    for word in ("Step", "⊕", "↦", "First,", "Hmm,", "\\boxed{"):  # each teacher's words
+        assert word in corpus, word
+    # ... but no whole solution of any corpus problem, in any teacher's words.
+    rng = random.Random(0)
+    for p in t.problems["pretrain"][:50]:
+        for _, text, _ in trajectories(p, rng, 0.0):
+            if len(text.split()) > 6:
+                assert text not in corpus
 
 
 def test_teachers_answer_correctly_except_careless_at_its_rate():

@@ -9,9 +9,14 @@ single operations the task needs is a few hundred facts, which a tiny student ca
 number of steps is the benchmark's level.
 
 Pre-training corpus (``pretrain_corpus``): retellings of problems in short words (no
-computation) and lists of isolated arithmetic facts ``a op b = r.``; never a worked
-solution, so solving must be learnt in fine-tuning, and the teachers differ in how much of
-what the student already knows they reuse.
+computation), lists of isolated arithmetic facts ``a op b = r.``, and short snippets of every
+teacher's writing (a few words each, shuffled across problems); never a worked solution, so
+solving must be learnt in fine-tuning. Like a pre-trained language model, the student has
+read every teacher's words, so what sets teachers apart is how their reasoning fits what it
+knows, not unseen tokens: without the snippets 96-100 % of every teacher's loss came from
+tokens it had never seen (cross-entropy above 5 nats), each with Brier ~1-2, so ρ = Brier / L
+was ~0.15 for every trajectory and LARK's ĝ ranked them by loss alone (Spearman(ĝ, L) +0.74
+over the quick pool).
 
 Teachers (what differs between them is the point of the demo; none of them is "the" style):
 
@@ -44,13 +49,14 @@ import dataclasses
 import json
 import os
 import random
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from lark_jax import fsio
 from lark_jax.errors import LarkError
 
-TASK_VERSION = "arith-v2"
+TASK_VERSION = "arith-v3"
 TEACHERS = ("stepwise", "terse", "stack", "careless", "rambler", "answer_only")
 # samples per problem from each teacher
 SAMPLES = {"stepwise": 1, "terse": 1, "stack": 1, "careless": 2, "rambler": 2, "answer_only": 1}
@@ -419,18 +425,59 @@ def retelling(p: Problem) -> str:
             + ", ".join(event_words(s) for s in p.steps) + ".")
 
 
+SNIPPETS_PROMPT = "Write some snippets."
+SNIPPETS_PER_RECORD = 6
+SNIPPET_WORDS = (2, 6)
+
+
+def snippets(p: Problem, rng: random.Random) -> list[str]:
+    """One short run of words (``SNIPPET_WORDS``) from each teacher's solution of ``p``.
+
+    What a pre-trained language model has that a student trained only on retellings and
+    facts lacks: it has read text in every teacher's words and notation, so no teacher's
+    tokens are unseen. A snippet is a few words, never a whole solution, and the snippets
+    of all corpus problems are shuffled together (as the facts are), so they teach the
+    teachers' vocabulary and local phrasing but not how to go from a problem to its answer.
+    No snippet states a wrong fact: the careless teacher's come from its correct samples,
+    and no snippet overlaps one of the rambler's slips (``So 8 * 2 = 15... no wait``).
+    """
+    out = []
+    for teacher, text, _ in trajectories(p, rng, wrong_rate=0.0):
+        words = [m.span() for m in re.finditer(r"\S+", text)]
+        bad = [m.span() for m in _EQUATION.finditer(text) if not _holds(*m.groups())]
+        n = min(len(words), rng.randint(*SNIPPET_WORDS))
+        starts = [i for i in range(len(words) - n + 1)
+                  if not any(a < words[i + n - 1][1] and words[i][0] < b for a, b in bad)]
+        if starts:
+            i = rng.choice(starts)
+            out.append(text[words[i][0]:words[i + n - 1][1]])
+    return out
+
+
+_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+
+
+def _holds(a: str, op: str, b: str, r: str) -> bool:
+    """Whether the equation ``a op b = r`` is true (``/`` exact, as the task divides)."""
+    a_, b_, r_ = int(a), int(b), int(r)
+    return {"+": a_ + b_, "-": a_ - b_, "*": a_ * b_}.get(op, a_ // b_ if b_ else None) == r_ \
+        and (op != "/" or a_ == b_ * r_)
+
+
 def pretrain_corpus(problems: list[Problem], rng: random.Random) -> list[dict]:
     """The pre-training corpus: the task's language and its arithmetic, but no solutions.
 
-    Two kinds of records. A *retelling* answers a problem statement with its events in
+    Three kinds of records. A *retelling* answers a problem statement with its events in
     short words (``retelling``: "Ada starts with 5 apples. Then: get 3, double."): the
     student learns to read problems and to copy their numbers, but computes nothing. A
     *facts* record (after ``FACTS_PROMPT``) lists ``FACTS_PER_RECORD`` isolated equations
     ``a op b = r.``, drawn from the solutions of all corpus problems and shuffled together,
-    so that the student knows every single operation the task needs. It has never seen a
-    problem solved: going from a statement to an answer, chaining results, must be learnt
-    in fine-tuning, and teachers that reuse these words and facts step by step are the
-    easiest to learn from.
+    so that the student knows every single operation the task needs. A *snippets* record
+    (after ``SNIPPETS_PROMPT``) holds ``SNIPPETS_PER_RECORD`` runs of a few words from the
+    teachers' solutions of corpus problems (``snippets``), shuffled together: every
+    teacher's vocabulary and notation, no chain of steps. It has never seen a problem
+    solved: going from a statement to an answer, chaining results, must be learnt in
+    fine-tuning.
     """
     # Facts: one random single event per corpus problem from every count 2..MAX_VALUE, so
     # the whole table is covered evenly (a problem's own equations favour small counts).
@@ -444,7 +491,13 @@ def pretrain_corpus(problems: list[Problem], rng: random.Random) -> list[dict]:
                                {"role": "assistant",
                                 "content": " ".join(facts[i:i + FACTS_PER_RECORD])}]}
                  for i in range(0, len(facts), FACTS_PER_RECORD)]
-    out = stories + fact_recs
+    snips = [s for p in problems for s in snippets(p, rng)]
+    rng.shuffle(snips)
+    snip_recs = [{"messages": [{"role": "user", "content": SNIPPETS_PROMPT},
+                               {"role": "assistant",
+                                "content": "\n".join(snips[i:i + SNIPPETS_PER_RECORD])}]}
+                 for i in range(0, len(snips), SNIPPETS_PER_RECORD)]
+    out = stories + fact_recs + snip_recs
     rng.shuffle(out)
     return out
 
