@@ -101,24 +101,24 @@ def demo_config(quick: bool = False, *, tiny: bool = False, seeds=None, **overri
     quick  800-problem pool, 500-problem benchmark, 0.8M-parameter student (hidden 128, 4
            layers) pre-trained 2000 steps at lr 3e-3, fine-tunes of 4 epochs in batches of
            8 records at lr 3e-3 (400 steps for a budget-1 selection, 3200 for 'all'), ACC@4,
-           seeds 0, 1, 2, methods ``QUICK_METHODS``. Pre-training: after 600 steps the
-           student predicted 74 % of held-out arithmetic facts (teacher-forced argmax) and
-           68 % of the numbers of a retelling; after 2000, 99.8 % and 87 %. Epochs, not a
-           fixed step count: the published recipe trains every selection for the same epochs
-           (steps = ceil(N / batch) x epochs), and equal steps starve 'all', which sees each
-           of its 6400 records about once in 900 steps of 8: fine-tuned on 'all' for 900
-           steps the student reached ACC@4 34.5 % / pass@1 12 %, for 3600 steps 56.0 % /
-           25.0 %, and its worked samples in the careless teacher's style were right 61 % of
-           the time (one seed, 200 problems). 4 epochs rather than the published 5: time on
-           2 CPU cores. Pool: 800 problems, not 160, so that a budget-1 selection is not
-           seen tens of times.
+           seeds 0, 1, 2, methods ``QUICK_METHODS``. Pre-training: after 2000 steps the
+           student predicts 93 % of held-out arithmetic facts (teacher-forced argmax; 100 %
+           on the corpus without teacher snippets, task v2, where 600 steps gave 74 %).
+           Epochs, not a fixed step count: the published recipe trains every selection for
+           the same epochs (steps = ceil(N / batch) x epochs), and equal steps starve 'all',
+           which sees each of its 6400 records about once in 900 steps of 8: fine-tuned on
+           'all' for 900 steps the task-v2 student reached ACC@4 34.5 % / pass@1 12 %, for
+           3600 steps 56.0 % / 25.0 % (one seed, 200 problems). 4 epochs rather than the
+           published 5: time on 2 CPU cores. Pool: 800 problems, not 160, so that a
+           budget-1 selection is not seen tens of times.
     full   400-problem pool, 1000-problem benchmark, 3.1M-parameter student (hidden 256, 4
            layers) pre-trained 600 steps at lr 3e-3, fine-tunes of the published 5 epochs at
            lr 3e-3, ACC@5, seeds 0, 1, 2 (not yet run end to end at these settings).
     tiny   a few problems, one epoch: checks that everything runs, measures nothing.
 
-    The pre-training corpus has no worked solutions (``task.pretrain_corpus``), so solving
-    must be learnt in fine-tuning, which takes long fine-tunes. With answers in 1..20,
+    The pre-training corpus has every teacher's words but no worked solution
+    (``task.pretrain_corpus``), so solving must be learnt in fine-tuning, which takes long
+    fine-tunes. With answers in 1..20,
     ACC@k up to the blind-guess floor (the report's ``guess`` row; ~30 % at ACC@4 in the
     quick task) needs no solving at all.
     """
