@@ -362,7 +362,8 @@ def run_methods(ctx: DemoContext) -> None:
                 ctx.utility[j.key] = {**final, **heldout(ctx, tuned, teachers=True)}
             continue
         name = f"{j.key}-s{j.seed}"
-        _write_metrics(ctx.out / "runs" / name / "metrics.jsonl", together, i, lrs)
+        _write_metrics(ctx.out / "runs" / name / "metrics.jsonl", together, i, lrs,
+                       cfg.steps_per_epoch(j.info["n_records"]))
         first = same_as[r]
         if first != r and first in measured and jobs[first].seed == j.seed:
             # The same training (e.g. LARK at budget 1 under either objective) and the same
