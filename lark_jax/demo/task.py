@@ -460,8 +460,9 @@ _EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 def _holds(a: str, op: str, b: str, r: str) -> bool:
     """Whether the equation ``a op b = r`` is true (``/`` exact, as the task divides)."""
     a_, b_, r_ = int(a), int(b), int(r)
-    return {"+": a_ + b_, "-": a_ - b_, "*": a_ * b_}.get(op, a_ // b_ if b_ else None) == r_ \
-        and (op != "/" or a_ == b_ * r_)
+    if op == "/":
+        return b_ != 0 and b_ * r_ == a_
+    return {"+": a_ + b_, "-": a_ - b_, "*": a_ * b_}[op] == r_
 
 
 def pretrain_corpus(problems: list[Problem], rng: random.Random) -> list[dict]:
