@@ -442,7 +442,7 @@ def snippets(p: Problem, rng: random.Random) -> list[str]:
     and no snippet overlaps one of the rambler's slips (``So 8 * 2 = 15... no wait``).
     """
     out = []
-    for teacher, text, _ in trajectories(p, rng, wrong_rate=0.0):
+    for _, text, _ in trajectories(p, rng, wrong_rate=0.0):
         words = [m.span() for m in re.finditer(r"\S+", text)]
         bad = [m.span() for m in _EQUATION.finditer(text) if not _holds(*m.groups())]
         n = min(len(words), rng.randint(*SNIPPET_WORDS))
