@@ -174,6 +174,13 @@ def test_command_options(tmp_path):
     assert command._seeds("0, 2") == (0, 2)
     with pytest.raises(SystemExit):
         p.parse_args(["--quick", "--tiny"])
+    # The help lists every method and the quick preset's, in order (the CLI does not import
+    # the demo package, which imports JAX, to print its help).
+    from lark_jax.demo.config import QUICK_METHODS
+
+    help_text = " ".join(next(a.help for a in p._actions if a.dest == "methods").split())
+    assert f"from {', '.join(METHODS)} (default" in help_text
+    assert f"--quick: {', '.join(QUICK_METHODS)});" in help_text
 
 
 def test_answer_styles_separate_bare_answers_from_worked_ones(tmp_path):
@@ -234,15 +241,20 @@ def test_demo_end_to_end_outputs(demo_run):
         assert r["ref_loss"]["mean"] > 0
         assert sum(r["teacher_mix"].values()) == pytest.approx(1.0)
         # Same number of epochs for every method (tiny: 1 epoch of batches of 8), so 'all'
-        # (96 records) takes 12 steps and a budget-1 selection (12 records) 2.
+        # (96 records) takes 12 steps and a budget-1 selection (12 records) 2; except
+        # all-equal-steps: every candidate for a budget-1 selection's 2 steps.
         lines = (out / "runs" / f"{m}-s0" / "metrics.jsonl").read_text().splitlines()
-        assert len(lines) == r["steps"] == math.ceil(r["n_records"] / 8) * cfg.epochs
-        assert json.loads(lines[-1])["epoch"] == cfg.epochs
+        own = m != "all-equal-steps"
+        n_run = r["n_records"] if own else cfg.task.n_pool
+        assert len(lines) == r["steps"] == math.ceil(n_run / 8) * cfg.epochs
+        assert json.loads(lines[-1])["epoch"] == (cfg.epochs if own else 1)
         evaluated = r["same_training_as"][0] or f"{m}-s0"  # a shared eval is its twin's
         assert (out / "evals" / evaluated / "summary.json").is_file()
     # Budget 1: one record per problem, except "all" which keeps every candidate.
     assert rows["lark"]["n_records"] == cfg.task.n_pool
     assert rows["all"]["n_records"] == cfg.task.n_pool * 8
+    assert rows["all-equal-steps"]["n_records"] == cfg.task.n_pool * 8
+    assert rows["all-equal-steps"]["steps"] == rows["lark"]["steps"] < rows["all"]["steps"]
     assert rows["shortest"]["teacher_mix"]["answer_only"] == pytest.approx(1.0)
     assert results["n_bench_problems"] == cfg.task.n_bench and results["seeds"] == [0]
     assert rows["lark"]["objective"] == "record"
@@ -268,7 +280,7 @@ def test_demo_end_to_end_outputs(demo_run):
     assert g["acc"] == pytest.approx(np.mean([b["answer"] in g["answers"] for b in bench]))
     assert g["acc_ci95"][0] <= g["acc"] <= g["acc_ci95"][1]
     assert f"| guess {', '.join(g['answers'])} (no model) |" in (out / "results.md").read_text()
-    for key in ("lark - random", "lark - all", "lark - lark-reference"):
+    for key in ("lark - random", "lark - all", "lark - all-equal-steps", "lark - lark-reference"):
         p = results["paired"][key]
         a, b = key.split(" - ")
         assert p["mean"] == pytest.approx(rows[a]["acc"]["mean"] - rows[b]["acc"]["mean"])

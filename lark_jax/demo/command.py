@@ -23,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--methods", default=None,
                    help="comma-separated methods to compare, from lark, lark-reference, "
-                        "random, all, min-loss, max-loss, rsr, shortest, longest (default: "
-                        "all of them; --quick: lark, lark-reference, random, all, "
-                        "max-loss); 'lark' is required")
+                        "random, all, all-equal-steps, min-loss, max-loss, rsr, shortest, "
+                        "longest (default: all of them; --quick: lark, lark-reference, "
+                        "random, all, all-equal-steps, max-loss); 'lark' is required")
     p.add_argument("--no-utility", action="store_true",
                    help="skip the per-teacher fine-tunes of the utility diagnostic")
     length = p.add_mutually_exclusive_group()

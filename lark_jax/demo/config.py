@@ -3,23 +3,43 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 from lark_jax.demo.student import StudentRecipe
 from lark_jax.demo.task import TaskConfig
 from lark_jax.errors import LarkError
 
-# Every method: (selection policy, SFT objective). "lark" trains LARK's selection with the
-# record objective (the χ² weights per record); "lark-reference" trains the same selection
-# the way the published runs do (``training.objective``: weights only drop records).
-METHOD_SPECS = {"lark": ("lark", "record"), "lark-reference": ("lark", "reference"),
-                "random": ("random", "record"), "all": ("all", "record"),
-                "min-loss": ("min-loss", "record"), "max-loss": ("max-loss", "record"),
-                "rsr": ("rsr", "record"), "shortest": ("shortest", "record"),
-                "longest": ("longest", "record")}
+
+class MethodSpec(NamedTuple):
+    """A compared method: its selection policy, its SFT objective, and how long it trains."""
+
+    policy: str
+    objective: str
+    # False: the run's own length (``DemoConfig.run_steps`` of its record count). True: the
+    # length of a budget-B selection's run, whatever its own record count: 'all' at the
+    # compute of the selections it is compared with.
+    budget_steps: bool = False
+
+
+# "lark" trains LARK's selection with the record objective (the χ² weights per record);
+# "lark-reference" trains the same selection the way the published runs do
+# (``training.objective``: weights only drop records). "all-equal-steps" fine-tunes on every
+# candidate for as many steps as a budget-B selection gets: under the published
+# equal-epochs rule 'all' gets K times their compute; this row asks whether selecting
+# beats using everything at the same compute.
+METHOD_SPECS = {"lark": MethodSpec("lark", "record"),
+                "lark-reference": MethodSpec("lark", "reference"),
+                "random": MethodSpec("random", "record"), "all": MethodSpec("all", "record"),
+                "all-equal-steps": MethodSpec("all", "record", budget_steps=True),
+                "min-loss": MethodSpec("min-loss", "record"),
+                "max-loss": MethodSpec("max-loss", "record"),
+                "rsr": MethodSpec("rsr", "record"), "shortest": MethodSpec("shortest", "record"),
+                "longest": MethodSpec("longest", "record")}
 METHODS = tuple(METHOD_SPECS)
-# The quick preset's comparison: LARK (both objectives) against random and all (the paired
-# differences) and max-loss (does LARK do more than rank by loss?).
-QUICK_METHODS = ("lark", "lark-reference", "random", "all", "max-loss")
+# The quick preset's comparison: LARK (both objectives) against random and all, at equal
+# epochs and at equal steps (the paired differences), and max-loss (does LARK do more than
+# rank by loss?).
+QUICK_METHODS = ("lark", "lark-reference", "random", "all", "all-equal-steps", "max-loss")
 
 
 @dataclasses.dataclass(frozen=True)

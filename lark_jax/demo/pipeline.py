@@ -7,7 +7,8 @@ writes ``results.md``, ``results.json`` and two PNG plots. What is measured:
 Per method (LARK and the baselines, one selection per seed, budget B per problem; all
 methods fine-tune the same cached student for the same number of epochs, as published, so
 that 'all' takes K times the steps of a budget-1 selection, or, with ``steps``, for the same
-number of optimizer steps):
+number of optimizer steps; 'all-equal-steps' trains on every candidate for a budget-B
+selection's steps, the same compute):
 
 * ``acc@k`` and ``pass@1`` on the held-out benchmark: k samples per problem at temperature
   ``temperature`` / ``top_p``, first ``\\boxed{}`` answer (or last number) checked with
@@ -39,9 +40,10 @@ Diagnostics (the paper's two plots):
   after the ``all`` run (fine-tuning on the whole pool). Spearman correlations of both.
 
 Statistics: ACC is a 0/1 outcome per (seed, problem); every method's ACC has a 95 %
-bootstrap interval over problems and seeds, and LARK − random and LARK − all are paired
-differences with their intervals (``demo.stats``). The table has LARK twice: trained with
-the ``record`` objective and with the published runs' ``reference`` one.
+bootstrap interval over problems and seeds, and LARK − random, LARK − all and LARK −
+all-equal-steps are paired differences with their intervals (``demo.stats``). The table
+has LARK twice: trained with the ``record`` objective and with the published runs'
+``reference`` one.
 
 Also measured: Spearman(ĝ, L) and Spearman(ρ, L) over trajectories (does LARK do more
 than rank by loss?), and the proxy ρ = Brier/L against the exact rate ‖∇θ L‖²/L of

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lark_jax import fsio
+from lark_jax.demo.config import METHOD_SPECS
 from lark_jax.demo.stats import guess_floor, mean_ci, paired_difference, resample_counts
 from lark_jax.demo.task import TEACHERS
 
@@ -159,8 +160,8 @@ def _mean_std(values) -> tuple[float, float]:
 
 # Paired differences reported (when both methods ran): LARK against the two baselines the
 # issue of record asks about, and the two SFT objectives against each other.
-PAIRS = (("lark", "random"), ("lark", "all"), ("lark-reference", "random"),
-         ("lark-reference", "all"), ("lark", "lark-reference"))
+PAIRS = (("lark", "random"), ("lark", "all"), ("lark", "all-equal-steps"),
+         ("lark-reference", "random"), ("lark-reference", "all"), ("lark", "lark-reference"))
 
 
 def build_results(ctx, t_start: float) -> dict:
@@ -256,11 +257,19 @@ def _length(results: dict) -> str:
     if cfg["epochs"] is None:
         return f"{cfg['steps']} optimizer steps of {cfg['batch_size']} records"
     by_steps: dict[int, list[str]] = {}
+    equal = []  # methods trained for a budget-B selection's steps, not their own epochs
     for r in results["methods"]:
-        by_steps.setdefault(r["steps"], []).append(r["method"])
+        if METHOD_SPECS[r["method"]].budget_steps:
+            equal.append(f"{r['method']} {r['steps']}")
+        else:
+            by_steps.setdefault(r["steps"], []).append(r["method"])
     steps = "; ".join(f"{', '.join(ms)} {n}" for n, ms in sorted(by_steps.items()))
-    return (f"{cfg['epochs']} epochs in batches of {cfg['batch_size']} records, as published"
+    text = (f"{cfg['epochs']} epochs in batches of {cfg['batch_size']} records, as published"
             f" (steps = ceil(records / {cfg['batch_size']}) x {cfg['epochs']}: {steps})")
+    if equal:
+        text += (f", except {', '.join(equal)}: every candidate for as many steps as a "
+                 f"budget-{cfg['budget']} selection (the same compute)")
+    return text
 
 
 def _pts(x) -> str:
@@ -268,11 +277,12 @@ def _pts(x) -> str:
 
 
 def headline(results: dict) -> str:
-    """One sentence: is LARK's difference from random (and from all) resolved? And one on
+    """One sentence: is LARK's difference from random (and from all, at equal epochs and at
+    equal steps) resolved? And one on
     how far above blind guessing the best method is."""
     k = results["k"]
     parts = []
-    for key in ("lark - random", "lark - all"):
+    for key in ("lark - random", "lark - all", "lark - all-equal-steps"):
         d = results["paired"].get(key)
         if d is None:
             continue

@@ -314,16 +314,18 @@ def run_methods(ctx: DemoContext) -> None:
 
     cfg = ctx.cfg
     jobs: list[_Job] = []
+    # Records of a budget-B selection: B per problem (fewer where a problem has fewer).
+    n_budget = int(np.minimum(ctx.table.mask.sum(axis=1), cfg.budget).sum())
     for seed in cfg.seeds:
         for method in cfg.methods:
-            policy, objective = METHOD_SPECS[method]
+            policy, objective, budget_steps = METHOD_SPECS[method]
             sel = select(ctx.table, policy, cfg.budget, seed=seed)
             recs, mix = selection_records(ctx.table, sel, ctx.found)
             data = ctx.out / "selections" / f"{method}-s{seed}.jsonl"
             write_selection(data, recs, {"policy": policy, "objective": objective,
                                          "budget": cfg.budget, "seed": seed,
                                          "n_records": len(recs), "teacher_mix": mix})
-            steps = cfg.run_steps(len(recs))
+            steps = cfg.run_steps(n_budget if budget_steps else len(recs))
             jobs.append(_Job(method, seed, objective, data, steps,
                              {"n_records": len(recs), "teacher_mix": mix,
                               "objective": objective}))
