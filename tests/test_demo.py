@@ -398,3 +398,23 @@ def test_heldout_metrics_match_float64_torch_in_any_batch_order(hf_students):
     assert sum(len(m) for m in held.marks) == 8  # every "= N" of the texts was marked
     assert got["loss"] == pytest.approx(num / den, rel=1e-4)
     assert got["marked_acc"] == pytest.approx(hits / total)
+
+
+def test_headline_and_run_lengths_name_the_equal_steps_run_once():
+    from lark_jax.demo.report import _length, headline
+
+    def row(m, steps, twin=None):
+        return {"method": m, "steps": steps, "acc": {"mean": 0.5, "ci95": [0.4, 0.6]},
+                "same_training_as": [twin]}
+
+    d = {"mean": 0.1, "ci95": [0.05, 0.15], "resolved": True}
+    res = {"k": 4, "config": {"epochs": 4, "batch_size": 8, "budget": 1},
+           "guess": {"acc": 0.3}, "paired": {"lark - all": d, "lark - all-equal-steps": d},
+           "methods": [row("lark", 400), row("all", 3200), row("all-equal-steps", 400)]}
+    assert "lark - all-equal-steps: +10.0 pts" in headline(res)
+    assert _length(res).endswith("(steps = ceil(records / 8) x 4: lark 400; all 3200), except "
+                                 "all-equal-steps 400: every candidate for as many steps as a "
+                                 "budget-1 selection (the same compute)")
+    # With one step count for every run (--steps) it is all's training: stated once.
+    res["methods"][2] = row("all-equal-steps", 400, twin="all-s0")
+    assert "all-equal-steps" not in headline(res) and "lark - all:" in headline(res)

@@ -54,7 +54,8 @@ class DemoConfig:
     budget: int = 1  # trajectories per problem (LARK's B; every baseline gets the same)
     # Length of every fine-tune. ``epochs`` set: the published rule, steps = ceil(N /
     # batch_size) x epochs for a run on N records, so 'all' (every candidate) trains K times
-    # longer than a budget-1 selection. ``epochs`` None: every run takes ``steps`` steps.
+    # longer than a budget-1 selection (a ``budget_steps`` method: the steps of a budget-B
+    # selection). ``epochs`` None: every run takes ``steps`` steps.
     epochs: int | None = None
     steps: int = 60
     batch_size: int = 16

@@ -299,7 +299,7 @@ class _Job:
     seed: int
     objective: str
     data: Path
-    steps: int  # optimizer steps (``DemoConfig.run_steps`` of its record count)
+    steps: int  # optimizer steps (``DemoConfig.run_steps`` of its, or a budget-B, record count)
     info: dict  # what the results table keeps of the selection
     utility: bool = False
 
@@ -314,8 +314,8 @@ def run_methods(ctx: DemoContext) -> None:
 
     cfg = ctx.cfg
     jobs: list[_Job] = []
-    # Records of a budget-B selection: B per problem (fewer where a problem has fewer).
-    n_budget = int(np.minimum(ctx.table.mask.sum(axis=1), cfg.budget).sum())
+    # Records of a budget-B selection (what a budget_steps method's run length follows).
+    n_budget = int(select(ctx.table, "random", cfg.budget, seed=0).chosen.sum())
     for seed in cfg.seeds:
         for method in cfg.methods:
             policy, objective, budget_steps = METHOD_SPECS[method]
