@@ -15,6 +15,7 @@ import time
 
 from lark_jax import distributed  # no JAX import at module level: the parser stays light
 from lark_jax.errors import LarkError
+from lark_jax.hostmem import tune_cpu_malloc
 from lark_jax.progress import Reporter
 
 EXIT_USER_ERROR = 2
@@ -348,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    tune_cpu_malloc()  # before JAX starts its CPU client (lark_jax.hostmem)
     rep = Reporter(quiet=args.quiet, verbose=args.verbose)
     try:
         COMMANDS[args.command][2](args, rep)

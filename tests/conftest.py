@@ -8,6 +8,10 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+from lark_jax.hostmem import tune_cpu_malloc  # noqa: E402
+
+tune_cpu_malloc()  # as the CLI does, before the CPU client starts
+
 import pytest  # noqa: E402
 
 # Tiny configurations covering every family feature the decoder implements.
