@@ -262,7 +262,8 @@ def _length(results: dict) -> str:
     by_steps: dict[int, list[str]] = {}
     equal = []  # methods trained for a budget-B selection's steps, not their own epochs
     for r in results["methods"]:
-        if METHOD_SPECS[r["method"]].budget_steps:
+        spec = METHOD_SPECS.get(r["method"])  # None: a results.json of another version
+        if spec is not None and spec.budget_steps:
             equal.append(f"{r['method']} {r['steps']}")
         else:
             by_steps.setdefault(r["steps"], []).append(r["method"])
