@@ -276,6 +276,11 @@ def _length(results: dict) -> str:
     return text
 
 
+def _twins(row: dict) -> set[str]:
+    """The methods whose training this row's seeds share ("all-s0" -> "all")."""
+    return {t.rsplit("-s", 1)[0] for t in row.get("same_training_as", []) if t}
+
+
 def _pts(x) -> str:
     return f"{100 * x:+.1f}"
 
@@ -290,9 +295,8 @@ def headline(results: dict) -> str:
     for key in ("lark - random", "lark - all", "lark - all-equal-steps"):
         d = results["paired"].get(key)
         other = key.split(" - ")[1]
-        twins = {t.rsplit("-s", 1)[0] for t in rows.get(other, {}).get("same_training_as", [])
-                 if t}
-        if d is None or twins & shown:  # e.g. --steps: all-equal-steps is all's training
+        # Skipped when it is a method already stated's training (--steps: all-equal-steps).
+        if d is None or _twins(rows.get(other, {})) & shown:
             continue
         shown.add(other)
         lo, hi = d["ci95"]
@@ -360,7 +364,7 @@ def render_markdown(results: dict) -> str:
                      f"{_cell(r['ref_loss'], 1, 3)} | {_cell(r['step_acc'], 100, 1)} | "
                      f"{_cell(r['final_train_loss'], 1, 3)} |")
     for r in results["methods"]:
-        twins = {t.rsplit("-s", 1)[0] for t in r.get("same_training_as", []) if t}
+        twins = _twins(r)
         if twins and all(r["same_training_as"]):
             lines += ["", f"{r['method']}: every seed's fine-tune computes exactly the steps of "
                       f"{', '.join(sorted(twins))} (same records, coefficients and "
