@@ -21,6 +21,22 @@ import common  # noqa: E402
 from bench_scoring import flops_per_token, matmul_rate_jax  # noqa: E402
 
 
+def merging_trainer():
+    """The LoRA step as it was before the side path (the comparison of ``--compare-lora``):
+    W + scale·B·A formed for every projection on every micro-batch. Benchmark-only."""
+    from flax import nnx
+
+    from lark_jax.training.loss import weighted_ce_sums
+    from lark_jax.training.trainer import Trainer
+
+    class MergingTrainer(Trainer):
+        def loss_sums(self, p, batch):
+            return weighted_ce_sums(nnx.merge(self.graphdef_c, self.cast(self.full(p))),
+                                    chunk_tokens=self.cfg.chunk_tokens, **batch)
+
+    return MergingTrainer
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     common.add_student_args(ap)
@@ -76,7 +92,7 @@ def main(argv=None):
 
     from lark_jax.data.prefetch import prefetch
     from lark_jax.training.data import step_denominator
-    from lark_jax.training.trainer import run_steps
+    from lark_jax.training.loop import run_steps
 
     def packed():
         for k in range(1, args.steps + 1):
@@ -104,7 +120,8 @@ def main(argv=None):
     lora = None
     if args.compare_lora and args.lora_rank:
         side = trainer
-        trainer = Trainer(student.model, cfg, plan.total_steps, student.mesh, lora_path="merge")
+        MergingTrainer = merging_trainer()
+        trainer = MergingTrainer(student.model, cfg, plan.total_steps, student.mesh)
         steps()  # compile
         t2 = time.perf_counter()
         merge_tokens = steps()

@@ -283,12 +283,14 @@ def _utility_file(ctx: DemoContext, teacher: str) -> tuple[Path, int]:
 
 
 def _write_metrics(path: Path, together, r: int, lrs: list[float], per_epoch: int) -> None:
-    """metrics.jsonl as ``train`` writes it (step, epoch, loss, lr, grad_norm, tokens)."""
-    _write_jsonl(path, ({"step": s + 1, "epoch": s // per_epoch + 1,
-                         "loss": float(together.losses[r, s]), "lr": lrs[s],
-                         "grad_norm": float(together.grad_norms[r, s]),
-                         "tokens": int(together.tokens[r, s])}
-                        for s in range(together.losses.shape[1])))
+    """metrics.jsonl in ``train``'s record format (without the wall-time throughput)."""
+    from lark_jax.training.loop import write_metrics
+    from lark_jax.training.step import metrics_record
+
+    write_metrics(path, (metrics_record(s, per_epoch, loss=float(together.losses[r, s]),
+                                        lr=lrs[s], grad_norm=float(together.grad_norms[r, s]),
+                                        tokens=int(together.tokens[r, s]))
+                         for s in range(together.losses.shape[1])))
 
 
 @dataclasses.dataclass

@@ -30,6 +30,7 @@ weights and batches are replicated over the student's mesh, not split.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,7 +38,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from lark_jax.errors import LarkError
@@ -46,7 +46,8 @@ from lark_jax.shapes import octave_bucket
 from lark_jax.training.data import StepPlan, read_selection, step_denominator, step_microbatches
 from lark_jax.training.loss import weighted_ce_sums
 from lark_jax.training.objective import token_coefficient
-from lark_jax.training.trainer import TrainConfig, make_optimizer, make_schedule
+from lark_jax.training.step import make_optimizer, make_schedule, one_batch_update, step_tokens
+from lark_jax.training.trainer import TrainConfig
 
 # Settings every run of one call must share (one compiled step, one schedule).
 SHARED = ("max_steps", "lr", "warmup_ratio", "weight_decay", "clip_norm", "max_length",
@@ -73,24 +74,20 @@ class TrainedTogether:
                                    path=None)
 
 
-def _pad_rows(mb: dict, rows: int, length: int) -> dict:
-    """A micro-batch padded to [rows, length]: padding tokens have segment -1, weight 0."""
+def _pad_rows(mb: dict | None, rows: int, length: int) -> dict:
+    """A micro-batch (None: no rows) padded to [rows, length]: padding tokens have segment
+    -1, weight 0."""
     out = {}
-    for k, v in mb.items():
-        fill = -1 if k == "segments" else 0
-        a = np.full((rows, length), fill, v.dtype)
-        a[:v.shape[0], :v.shape[1]] = v
+    for k, dtype in _EMPTY.items():
+        a = np.full((rows, length), -1 if k == "segments" else 0, dtype)
+        if mb is not None:
+            v = mb[k]
+            a[:v.shape[0], :v.shape[1]] = v
         out[k] = a
     return out
 
 
-def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainConfig], *,
-                   mode: str = "auto", progress: Callable[..., None] | None = None
-                   ) -> TrainedTogether:
-    """Fine-tune ``student`` (a loaded Student, float32) on each selection file ``data[r]``
-    with ``configs[r]`` (which may differ in ``seed`` and ``objective`` only; see SHARED),
-    every run through one compiled step (``mode``: "vmap", "loop" or "auto", see the module
-    docstring). ``progress(step, total)`` after every step."""
+def _check_configs(data, configs, mode: str) -> None:
     if mode not in ("auto", "vmap", "loop"):
         raise LarkError(f"mode must be auto, vmap or loop, got {mode!r}")
     if len(data) != len(configs) or not data:
@@ -105,113 +102,142 @@ def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainC
         if c.lora_rank or c.fsdp or c.dtype != "float32":
             raise LarkError("train_together trains full float32 weights (no LoRA, FSDP or "
                             "bfloat16 compute)")
-    cfg0 = configs[0]
-    total = cfg0.max_steps
-    tok = student.tokenizer
+
+
+def _distinct_runs(tok, data, configs):
+    """Each run's records and per-step (record indices, D); runs whose every step would
+    compute the same thing (same tokens, coefficients, normalisers and record order) are
+    kept once: e.g. LARK at budget 1 under the record and the reference objective, where
+    every chosen record weighs 1. Returns (the distinct runs, same_as)."""
     runs = []
     for path, c in zip(data, configs, strict=True):
         ex, _ = read_selection(path, tok, c.max_length, c.objective, c.system_turn)
-        runs.append((ex, StepPlan(len(ex), c.batch_size, c.epochs, c.max_steps, c.seed), c))
+        plan = StepPlan(len(ex), c.batch_size, c.epochs, c.max_steps, c.seed)
+        steps = [(idx, step_denominator(ex, idx, c.objective))
+                 for idx in map(plan.step_indices, range(c.max_steps))]
+        runs.append((ex, steps, c))
+    keys = [_run_key(ex, c.objective, steps) for ex, steps, c in runs]
+    same_as = [keys.index(k) for k in keys]
+    return [runs[r] for r in sorted(set(same_as))], same_as
+
+
+def _step_batch(run, step: int, row_len: int, batch_size: int):
+    """A run's micro-batch of ``step`` (None when no record has weight), its D and tokens.
+
+    batch_size rows always hold one step's records: one micro-batch per step, of the rows
+    its records fill and no more. A call compiles one step per row count that occurs (at
+    most batch_size); rows rounded to a power of two computed 1.7x the demo pool's tokens,
+    always batch_size rows about 3x."""
+    ex, steps, c = run
+    idx, denom = steps[step]
+    parts = list(step_microbatches(ex, idx, row_len, batch_size, objective=c.objective,
+                                   exact_rows=True))
+    if len(parts) > 1:
+        raise LarkError("a step's records did not fit one micro-batch")
+    return (parts[0] if parts else None), (denom or 1.0), step_tokens(ex, idx)
+
+
+def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainConfig], *,
+                   mode: str = "auto", progress: Callable[..., None] | None = None
+                   ) -> TrainedTogether:
+    """Fine-tune ``student`` (a loaded Student, float32) on each selection file ``data[r]``
+    with ``configs[r]`` (which may differ in ``seed`` and ``objective`` only; see SHARED),
+    every run through one compiled step (``mode``: "vmap", "loop" or "auto", see the module
+    docstring). ``progress(step, total)`` after every step."""
+    _check_configs(data, configs, mode)
+    cfg0 = configs[0]
+    total = cfg0.max_steps
+    runs, same_as = _distinct_runs(student.tokenizer, data, configs)
+    unique = sorted(set(same_as))
     # One row length for the whole call (compiled once), so it need not be a power of
     # two: 8 steps per octave. Dense attention's cost per token grows with the row: the
     # demo's longest record (303 tokens) packed into rows of 320, not 512.
     row_len = octave_bucket(max(len(e.tok.ids) for ex, _, _ in runs for e in ex), 64)
-    # Runs whose every step would compute the same thing (same tokens, coefficients,
-    # normalisers and record order) are trained once: e.g. LARK at budget 1 under the
-    # record and the reference objective, where every chosen record weighs 1.
-    # Every run's records and normaliser D per step, computed once (the key and the steps).
-    sched = [[(idx, step_denominator(ex, idx, c.objective))
-              for idx in map(plan.step_indices, range(total))] for ex, plan, c in runs]
-    keys = [_run_key(ex, c.objective, steps) for (ex, _, c), steps in zip(runs, sched,
-                                                                           strict=True)]
-    same_as = [keys.index(k) for k in keys]
-    unique = sorted(set(same_as))
-    slot = {r: i for i, r in enumerate(unique)}
-    runs = [(runs[r][0], sched[r], runs[r][2]) for r in unique]
-
     graphdef, params = nnx.split(student.model)
     # Weights, Adam states (their step counts included) and batches replicated on the
     # student's mesh from the start: the step's outputs then carry the inputs' sharding and
     # the second step does not compile a second program.
     rep = replicated(student.mesh)
     params = jax.device_put(params, rep)
-    n_runs = len(runs)
     if mode == "auto":
         mode = "loop" if jax.devices()[0].platform == "cpu" else "vmap"
     tx = make_optimizer(cfg0, total)
-    chunk = cfg0.chunk_tokens
-
-    def one(p, o, batch, denom):
-        def loss_sums(q):
-            return weighted_ce_sums(nnx.merge(graphdef, q), chunk_tokens=chunk, **batch)
-
-        (s, _), g = jax.value_and_grad(loss_sums, has_aux=True)(p)
-        g = jax.tree.map(lambda x: x / denom, g)
-        gnorm = optax.tree.norm(g)
-        updates, o = tx.update(g, o, p)
-        return optax.apply_updates(p, updates), o, s / denom, gnorm
-
-    if mode == "vmap":
-        states = [jax.tree.map(lambda x: jnp.broadcast_to(x, (n_runs, *x.shape)), params)]
-        opts = [jax.device_put(jax.vmap(tx.init)(states[0]), rep)]
-        step_fn = jax.jit(jax.vmap(one), donate_argnums=(0, 1))
-    else:  # every run its own copy (the base stays untouched: the step donates its inputs)
-        states = [jax.tree.map(jnp.copy, params) for _ in range(n_runs)]
-        opts = [jax.device_put(tx.init(p), rep) for p in states]
-        step_fn = jax.jit(one, donate_argnums=(0, 1))
-    losses = np.zeros((n_runs, total))
-    gnorms = np.zeros((n_runs, total))
-    tokens = np.zeros((n_runs, total), np.int64)
+    one = functools.partial(one_batch_update, functools.partial(_loss_sums, graphdef,
+                                                                cfg0.chunk_tokens), tx)
+    stepper = (_Stacked if mode == "vmap" else _OneByOne)(one, tx, params, len(runs), rep)
+    losses, gnorms = np.zeros((len(runs), total)), np.zeros((len(runs), total))
+    tokens = np.zeros((len(runs), total), np.int64)
     pending = None
     for step in range(total):
-        mbs, denoms = [], []
-        for r, (ex, steps, c) in enumerate(runs):
-            idx, denom = steps[step]
-            # batch_size rows always hold one step's records: one micro-batch per step, of
-            # the rows its records fill and no more. A call compiles one step per row count
-            # that occurs (at most batch_size); rows rounded to a power of two computed
-            # 1.7x the demo pool's tokens, always batch_size rows about 3x.
-            parts = list(step_microbatches(ex, idx, row_len, cfg0.batch_size,
-                                           objective=c.objective, exact_rows=True))
-            if len(parts) > 1:
-                raise LarkError("a step's records did not fit one micro-batch")
-            mbs.append(parts[0] if parts else None)
-            denoms.append(denom or 1.0)
-            tokens[r, step] = sum(len(ex[i].tok.ids) for i in idx if ex[i].weight > 0)
-        need = [m["ids"].shape[0] if m is not None else 1 for m in mbs]
-        empty = {k: np.zeros((0, row_len), np.int32) for k in
-                 ("ids", "positions", "segments", "targets")} | {
-            "weights": np.zeros((0, row_len), np.float32)}
-        if mode == "vmap":  # one stacked batch: every run gets the largest row count
-            need = [max(need)] * n_runs
-        padded = [_pad_rows(m if m is not None else empty, n, row_len)
-                  for m, n in zip(mbs, need, strict=True)]
-        denoms = np.asarray(denoms, np.float32)
-        if mode == "vmap":
-            batch = {k: np.stack([b[k] for b in padded]) for k in empty}
-            states[0], opts[0], loss, gnorm = step_fn(states[0], opts[0], batch, denoms)
-        else:
-            out = []
-            for r in range(n_runs):
-                states[r], opts[r], lr_, gr_ = step_fn(states[r], opts[r], padded[r], denoms[r])
-                out.append((lr_, gr_))
-            loss, gnorm = [o[0] for o in out], [o[1] for o in out]
+        mbs, denoms, tokens[:, step] = zip(*(_step_batch(r, step, row_len, cfg0.batch_size)
+                                             for r in runs), strict=True)
+        loss, gnorm = stepper(mbs, np.asarray(denoms, np.float32), row_len)
         if pending is not None:  # fetch the previous step's numbers while this one runs
             losses[:, step - 1], gnorms[:, step - 1] = jax.device_get(pending)
         pending = (loss, gnorm)
         if progress is not None:
             progress(step + 1, total)
     losses[:, total - 1], gnorms[:, total - 1] = jax.device_get(pending)
-    if mode == "vmap":
-        states = [jax.tree.map(lambda x, r=r: x[r], states[0]) for r in range(n_runs)]
     bad = ~np.isfinite(losses)
     if bad.any():
         u, s = np.argwhere(bad)[0]
         r = unique[u]
         raise LarkError(f"loss of run {r} ({data[r]}) became {losses[u, s]} at step {s + 1}")
-    back = [slot[same_as[r]] for r in range(len(data))]
+    back = [unique.index(same_as[r]) for r in range(len(data))]
+    states = stepper.states()
     return TrainedTogether(student, [states[i] for i in back], losses[back], gnorms[back],
                            tokens[back], same_as)
+
+
+def _loss_sums(graphdef, chunk_tokens: int, params, batch: dict):
+    return weighted_ce_sums(nnx.merge(graphdef, params), chunk_tokens=chunk_tokens, **batch)
+
+
+_EMPTY = {"ids": np.int32, "positions": np.int32, "segments": np.int32, "targets": np.int32,
+          "weights": np.float32}
+
+
+class _OneByOne:
+    """The same compiled (unbatched) step run once per run, each on its own row count."""
+
+    def __init__(self, one, tx, params, n_runs: int, rep):
+        # every run its own copy (the base stays untouched: the step donates its inputs)
+        self.params = [jax.tree.map(jnp.copy, params) for _ in range(n_runs)]
+        self.opts = [jax.device_put(tx.init(p), rep) for p in self.params]
+        self.step = jax.jit(one, donate_argnums=(0, 1))
+
+    def __call__(self, mbs, denoms, row_len: int):
+        out = []
+        for r, mb in enumerate(mbs):
+            batch = _pad_rows(mb, mb["ids"].shape[0] if mb is not None else 1, row_len)
+            self.params[r], self.opts[r], loss, gnorm = self.step(self.params[r], self.opts[r],
+                                                                  batch, denoms[r])
+            out.append((loss, gnorm))
+        return [o[0] for o in out], [o[1] for o in out]
+
+    def states(self):
+        return self.params
+
+
+class _Stacked:
+    """Parameters and Adam states stacked on a leading run axis, one ``jax.vmap``-ed step
+    for all runs (every run gets the largest row count of the step)."""
+
+    def __init__(self, one, tx, params, n_runs: int, rep):
+        self.params = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_runs, *x.shape)), params)
+        self.opt = jax.device_put(jax.vmap(tx.init)(self.params), rep)
+        self.n_runs = n_runs
+        self.step = jax.jit(jax.vmap(one), donate_argnums=(0, 1))
+
+    def __call__(self, mbs, denoms, row_len: int):
+        rows = max(mb["ids"].shape[0] if mb is not None else 1 for mb in mbs)
+        padded = [_pad_rows(mb, rows, row_len) for mb in mbs]
+        batch = {k: np.stack([b[k] for b in padded]) for k in _EMPTY}
+        self.params, self.opt, loss, gnorm = self.step(self.params, self.opt, batch, denoms)
+        return loss, gnorm
+
+    def states(self):
+        return [jax.tree.map(lambda x, r=r: x[r], self.params) for r in range(self.n_runs)]
 
 
 def _run_key(ex, objective: str, steps) -> str:

@@ -1,15 +1,10 @@
-"""Weighted SFT: optax AdamW, warm-up + cosine, clipping, accumulation, orbax checkpoints.
+"""Weighted SFT: the ``Trainer`` (compiled steps), ``train`` (setup, loop, export), LoRA.
 
 One optimizer step = the next ``batch_size`` records of the seeded epoch
-permutation, packed into fixed-shape micro-batches; gradients of Σ c·CE are
-accumulated over micro-batches and divided by the step's normaliser D, so the
-update follows exactly the chosen objective (``training.objective``: per-record
-weighted mean CE by default, the reference's plain per-record mean, or per-token
-weighted CE) whatever the packing, micro-batch size or device count.
-
-The learning rate follows HF Trainer's linear warm-up + cosine schedule: warm-up
-steps W = ceil(warmup_ratio · total), lr(s) = lr · s / W for s < W (so the first
-update is at lr 0), then lr · ½(1 + cos(π (s − W) / (total − W))).
+permutation (``data.StepPlan``), packed into fixed-shape micro-batches; the update
+rule (accumulated Σ c·CE gradients over the step's normaliser D, clipping, AdamW,
+HF's warm-up + cosine schedule) is ``training.step``'s, and the loop with its hooks
+(metrics, checkpoints, progress) is ``training.loop``'s.
 
 Master weights and optimizer state are float32; with ``dtype="bfloat16"``
 the forward/backward runs on a bfloat16 copy cast inside the differentiated
@@ -25,7 +20,6 @@ import dataclasses
 import functools
 import io
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +27,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from lark_jax import fsio
@@ -53,8 +46,20 @@ from lark_jax.training.data import (
     step_denominator,
     step_microbatches,
 )
+from lark_jax.training.loop import Checkpointer, LossGuard, MetricsWriter, Progress, train_loop
 from lark_jax.training.loss import weighted_ce_sums
 from lark_jax.training.objective import OBJECTIVES
+from lark_jax.training.step import (
+    Sums,
+    add_sums,
+    apply_update,
+    grad_sums,
+    make_optimizer,
+    make_schedule,
+    step_tokens,
+    warmup_steps,
+    zero_sums,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,25 +125,6 @@ class TrainSummary:
     final_dir: str
 
 
-def warmup_steps(cfg: TrainConfig, total: int) -> int:
-    """HF Trainer's rule: ceil(warmup_ratio × total steps) (e.g. 59 at 1,170 steps)."""
-    return math.ceil(cfg.warmup_ratio * total)
-
-
-def make_schedule(cfg: TrainConfig, total: int):
-    """HF's linear warm-up from 0 then cosine to 0 (``get_cosine_schedule_with_warmup``)."""
-    w = warmup_steps(cfg, total)
-    decay = max(1, total - w)
-
-    def schedule(step):
-        s = jnp.asarray(step, jnp.float32)
-        warm = s / max(1, w)
-        cos = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip((s - w) / decay, 0.0, 1.0)))
-        return cfg.lr * jnp.where(s < w, warm, cos)
-
-    return schedule
-
-
 # Without remat the backward pass keeps about (10·D + 3·I) float32 values per token and
 # layer (projections, norms, the MLP's three I-wide tensors). Above this many bytes for one
 # micro-batch, "auto" recomputes each layer instead (about a third more compute).
@@ -151,13 +137,6 @@ def resolve_remat(cfg: TrainConfig, model_cfg, tokens_per_microbatch: int) -> bo
         return cfg.remat
     per_token = (10 * model_cfg.hidden_size + 3 * model_cfg.intermediate_size) * 4
     return tokens_per_microbatch * model_cfg.num_layers * per_token > REMAT_AUTO_BYTES
-
-
-def make_optimizer(cfg: TrainConfig, total: int):
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(make_schedule(cfg, total), b1=0.9, b2=0.999, eps=1e-8,
-                    weight_decay=cfg.weight_decay))
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -198,29 +177,25 @@ def merge_lora(base, lora: dict, scale: float):
 
 
 class Trainer:
-    """Holds the compiled step functions of one run; see ``train`` for the loop."""
+    """Holds the compiled step functions of one run (the rule is ``training.step``'s);
+    ``train`` runs the loop."""
 
     def __init__(self, model: Decoder, cfg: TrainConfig, total_steps: int, mesh,
-                 remat: bool | None = None, lora_path: str = "side"):
-        """``lora_path``: "side" computes each LoRA projection as x·W + scale·(x·A)·B;
-        "merge" forms W + scale·B·A on every micro-batch (the old way, kept for the
-        benchmark's comparison)."""
+                 remat: bool | None = None):
         self.cfg = cfg
         remat = bool(cfg.remat) if remat is None else remat
         self.mesh = mesh
-        compute = resolve_dtype(cfg.dtype)
+        self.compute = resolve_dtype(cfg.dtype)
         graphdef, params = nnx.split(model)
         self.graphdef = graphdef
         self.graphdef_c, _ = nnx.split(nnx.eval_shape(
-            lambda: Decoder(model.cfg, dtype=compute, remat=remat,
+            lambda: Decoder(model.cfg, dtype=self.compute, remat=remat,
                             attn_impl=model.attn_impl, mesh=mesh)))
         if cfg.fsdp:  # the parameter table's logical axes under the "fsdp" rules
             params = jax.device_put(params, param_shardings(params, model.cfg, mesh, "fsdp"))
         # With LoRA the optimiser sees only the factors; the base weights stay frozen.
         self.base = params if cfg.lora_rank else None
-        scale = (cfg.lora_alpha or 2.0 * cfg.lora_rank) / max(cfg.lora_rank, 1)
-        self.full = (lambda p: merge_lora(self.base, p, scale)) if cfg.lora_rank else \
-            (lambda p: p)
+        self.lora_scale = (cfg.lora_alpha or 2.0 * cfg.lora_rank) / max(cfg.lora_rank, 1)
         if cfg.lora_rank:
             params = init_lora(params, cfg.lora_rank, cfg.seed, spec_by_attr(model.cfg))
         self.params = params
@@ -232,40 +207,35 @@ class Trainer:
             lambda x: x if getattr(x.sharding, "mesh", None) == mesh
             else jax.device_put(x, replicated(mesh)), self.tx.init(params))
         shard = jax.tree.map(lambda x: x.sharding, (self.params, self.opt_state))
-        gdc, chunk = self.graphdef_c, cfg.chunk_tokens
-
-        full = self.full
-        cast = functools.partial(jax.tree.map, lambda x: x.astype(compute))
-
-        def loss_sums(p, batch):
-            if cfg.lora_rank and lora_path == "side":  # x·W + scale·(x·A)·B, never W + BA
-                return weighted_ce_sums(nnx.merge(gdc, cast(self.base)), chunk_tokens=chunk,
-                                        lora=(cast(p), scale), **batch)
-            return weighted_ce_sums(nnx.merge(gdc, cast(full(p))), chunk_tokens=chunk, **batch)
-
-        def first(p, batch):  # no zero accumulator: one parameter-sized buffer less
-            (s, w), g = jax.value_and_grad(lambda q: loss_sums(q, batch), has_aux=True)(p)
-            return g, s, w
+        first = functools.partial(grad_sums, self.loss_sums)
 
         def accumulate(acc, p, batch):
-            g, s, w = first(p, batch)
-            return jax.tree.map(jnp.add, acc[0], g), acc[1] + s, acc[2] + w
+            return add_sums(acc, first(p, batch))
 
-        def apply(p, opt_state, acc, denom):
-            g_sum, s, _ = acc
-            g = jax.tree.map(lambda x: x / denom, g_sum)
-            gnorm = optax.tree.norm(g)
-            updates, opt_state = self.tx.update(g, opt_state, p)
-            return optax.apply_updates(p, updates), opt_state, s / denom, gnorm
-
-        self._first = jax.jit(first, out_shardings=(shard[0], None, None))
+        # The first micro-batch's sums start the accumulator: no zero-filled buffer.
+        self._first = jax.jit(first, out_shardings=Sums(shard[0], None, None))
         self._accumulate = jax.jit(accumulate, donate_argnums=(0,))
-        self._apply = jax.jit(apply, donate_argnums=(0, 1), out_shardings=(*shard, None, None))
-        self._loss = jax.jit(loss_sums)
+        self._apply = jax.jit(functools.partial(apply_update, self.tx),
+                              donate_argnums=(0, 1), out_shardings=(*shard, None, None))
+        self._loss = jax.jit(self.loss_sums)
 
-    def zero_acc(self):
-        zeros = jax.tree.map(jnp.zeros_like, self.params)
-        return zeros, jnp.float32(0), jnp.float32(0)
+    def cast(self, tree):
+        return jax.tree.map(lambda x: x.astype(self.compute), tree)
+
+    def full(self, p):
+        """The weights the model runs with: LoRA factors merged (W + scale·B·A), else p."""
+        return merge_lora(self.base, p, self.lora_scale) if self.cfg.lora_rank else p
+
+    def loss_sums(self, p, batch: dict):
+        """(Σ c·CE, Σ c) of one micro-batch; with LoRA through the side path
+        x·W + scale·(x·A)·B, never forming W + B·A."""
+        chunk = self.cfg.chunk_tokens
+        if self.cfg.lora_rank:
+            return weighted_ce_sums(nnx.merge(self.graphdef_c, self.cast(self.base)),
+                                    chunk_tokens=chunk, lora=(self.cast(p), self.lora_scale),
+                                    **batch)
+        return weighted_ce_sums(nnx.merge(self.graphdef_c, self.cast(p)), chunk_tokens=chunk,
+                                **batch)
 
     def place(self, batch: dict) -> dict:
         """This process's rows of a micro-batch -> global arrays split over "data".
@@ -305,8 +275,8 @@ class Trainer:
             acc = (self._first(self.params, self.place(mb)) if acc is None
                    else self._accumulate(acc, self.params, self.place(mb)))
         if acc is None:  # every record of the step has coefficient 0 (reference objective)
-            acc = self.zero_acc()
-        denom = acc[2] if denominator is None else np.float32(denominator)
+            acc = zero_sums(self.params)
+        denom = acc.weight if denominator is None else np.float32(denominator)
         self.params, self.opt_state, loss, gnorm = self._apply(self.params, self.opt_state, acc,
                                                                denom)
         return loss, gnorm, tokens
@@ -322,30 +292,6 @@ class Trainer:
     def host_model(self) -> Decoder:
         """The trained model with NumPy weights, whole on every process (a collective)."""
         return nnx.merge(self.graphdef, gather_to_host(self.full(self.params)))
-
-
-def run_steps(trainer: Trainer, items, on_done: Callable[..., None], *, lag: bool = True,
-              sync_after: Callable[[int], bool] = lambda step: False) -> None:
-    """Run ``items`` = (step, microbatches, denominator) in order, keeping the device busy.
-
-    ``on_done(step, loss, grad_norm, tokens)`` is called in step order with host floats.
-    With ``lag`` a step's loss is fetched only after the next step has been dispatched
-    (the host never waits for the device between steps); ``sync_after(step)`` true
-    forces that step to finish first (before a checkpoint). Without ``lag`` every step
-    is waited for, the previous behaviour (the benchmark's baseline).
-    """
-    pending = None
-    for step, mbs, denom in items:
-        loss, gnorm, tokens = trainer.dispatch(mbs, denom)
-        if pending is not None:
-            on_done(pending[0], float(pending[1]), float(pending[2]), pending[3])
-            pending = None
-        if lag and not sync_after(step):
-            pending = (step, loss, gnorm, tokens)
-        else:
-            on_done(step, float(loss), float(gnorm), tokens)
-    if pending is not None:
-        on_done(pending[0], float(pending[1]), float(pending[2]), pending[3])
 
 
 # Settings a resumed run may change: they do not alter what is computed (remat and the
@@ -377,6 +323,94 @@ def _check_resume_settings(path: Path, new: dict) -> None:
                  message=message, where=str(path))
 
 
+@dataclasses.dataclass
+class _Run:
+    """What ``train`` builds before its first step: the student, the tokenized selection,
+    the step plan and packing shape, the compiled trainer and run_config.json's content."""
+
+    student: object
+    examples: list
+    plan: StepPlan
+    row_len: int
+    rows: int
+    trainer: Trainer
+    config: dict
+
+    def packed(self, start: int, tokens: dict[int, int]):
+        """Each step's (step, micro-batches, D) from ``start`` on (run by a host thread,
+        cfg.prefetch ahead); records the step's tokens over every process in ``tokens``."""
+        cfg, n_proc = self.trainer.cfg, jax.process_count()
+        for s in range(start, self.plan.total_steps):
+            idx = self.plan.step_indices(s)
+            tokens[s] = step_tokens(self.examples, idx)
+            yield s, list(step_microbatches(
+                self.examples, idx, self.row_len, self.rows, row_multiple=self.n_data,
+                objective=cfg.objective, process=jax.process_index(), n_processes=n_proc)), \
+                step_denominator(self.examples, idx, cfg.objective)
+
+    @property
+    def n_data(self) -> int:
+        return self.trainer.mesh.shape["data"]
+
+
+def _set_up(student_dir, data, cfg: TrainConfig, mesh) -> _Run:
+    """Load the student, tokenize the selection, choose the packing shape and remat, and
+    compile nothing yet (the first step does)."""
+    n_proc = jax.process_count()
+    if n_proc > 1 and len({d.process_index for d in mesh.devices.flat}) != n_proc:
+        raise LarkError("multi-process training needs one mesh over every process's devices "
+                        "(make_mesh() over jax.devices())")
+    student = load_student(student_dir, "float32", mesh=mesh, attn_impl=cfg.attention)
+    # Every process reads and tokenizes the whole selection (cheap beside training), so
+    # each can compute every process's packing of a step from token counts alone.
+    examples, n_skipped = read_selection(data, student.tokenizer, cfg.max_length, cfg.objective,
+                                         cfg.system_turn)
+    plan = StepPlan(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.seed)
+    total = plan.total_steps
+    row_len = pow2_length(max(len(e.tok.ids) for e in examples), 64, cfg.max_length)
+    n_data = mesh.shape["data"]
+    rows = max(n_data, (cfg.micro_batch_tokens // row_len) // n_data * n_data)
+    remat = resolve_remat(cfg, student.config, rows * row_len)
+    config = {"student": str(student_dir), "data": str(data), "config": dataclasses.asdict(cfg),
+              "n_examples": len(examples), "n_skipped": n_skipped, "total_steps": total,
+              "steps_per_epoch": plan.steps_per_epoch, "row_length": row_len,
+              "rows_per_microbatch": rows, "remat": remat,
+              "warmup_steps": warmup_steps(cfg, total), "devices": int(mesh.devices.size),
+              "processes": n_proc}
+    return _Run(student, examples, plan, row_len, rows,
+                Trainer(student.model, cfg, total, mesh, remat=remat), config)
+
+
+def _run_dir(out_dir, resume: bool) -> tuple[Path, Path]:
+    """The run directory and its checkpoints/; refuses links planted in it, and checkpoints
+    left by an earlier run unless resuming."""
+    out_dir = fsio.refuse_link(out_dir)
+    ckpt_dir = (out_dir / "checkpoints").absolute()
+    for p in (ckpt_dir, *(out_dir / f for f in ("metrics.jsonl", "run_config.json", "loss.png",
+                                                "final"))):
+        fsio.refuse_link(p)  # a link planted in the run directory is not followed
+    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not resume:
+        raise LarkError("run directory already has checkpoints; pass --resume to continue or "
+                        "choose a new --out", where=str(out_dir))
+    return out_dir, ckpt_dir
+
+
+def _export(run: _Run, out_dir: Path, cfg: TrainConfig) -> Path:
+    """final/ (HF layout) and loss.png, written by process 0 from weights gathered to it."""
+    run.trainer.opt_state = None  # export needs only the weights: free Adam's two moments
+    final = out_dir / "final"
+    # Several processes: every one takes part in gathering the weights; process 0 writes.
+    model = run.trainer.model() if jax.process_count() == 1 else run.trainer.host_model()
+    if jax.process_index() == 0:
+        save_student(model, final, run.student.tokenizer, dtype=resolve_dtype(cfg.export_dtype),
+                     overwrite=True)
+    del model
+    if jax.process_index() == 0:
+        plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    barrier("lark_jax_train_written")  # no process reports before final/ exists
+    return final
+
+
 def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
           cfg: TrainConfig = TrainConfig(), *, resume: bool = False, mesh=None,
           progress: Callable[..., None] | None = None) -> TrainSummary:
@@ -394,159 +428,34 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
     gathered to it). Checkpoints restore onto any mesh: a run may resume on
     another number of processes or devices.
     """
-    import orbax.checkpoint as ocp
-
     cfg.validate()
     t0 = time.perf_counter()
-    out_dir = fsio.refuse_link(out_dir)
-    ckpt_dir = (out_dir / "checkpoints").absolute()
-    n_proc, proc = jax.process_count(), jax.process_index()
-    lead = proc == 0
+    out_dir, ckpt_dir = _run_dir(out_dir, resume)
     check_same_settings({"student": str(student_dir), "data": str(data),
                          "out": str(out_dir), "resume": resume,
                          **{"--" + k.replace("_", "-"): v
                             for k, v in dataclasses.asdict(cfg).items()}}, "train")
-    for p in (ckpt_dir, *(out_dir / f for f in ("metrics.jsonl", "run_config.json", "loss.png",
-                                                "final"))):
-        fsio.refuse_link(p)  # a link planted in the run directory is not followed
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not resume:
-        raise LarkError("run directory already has checkpoints; pass --resume to continue or "
-                        "choose a new --out", where=str(out_dir))
-    mesh = mesh if mesh is not None else make_mesh()
-    if n_proc > 1 and len({d.process_index for d in mesh.devices.flat}) != n_proc:
-        raise LarkError("multi-process training needs one mesh over every process's devices "
-                        "(make_mesh() over jax.devices())")
-    student = load_student(student_dir, "float32", mesh=mesh,
-                           attn_impl=cfg.attention)
-    # Every process reads and tokenizes the whole selection (cheap beside training), so
-    # each can compute every process's packing of a step from token counts alone.
-    examples, n_skipped = read_selection(data, student.tokenizer, cfg.max_length, cfg.objective,
-                                         cfg.system_turn)
-    plan = StepPlan(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.seed)
-    total = plan.total_steps
-    row_len = pow2_length(max(len(e.tok.ids) for e in examples), 64, cfg.max_length)
-    n_data = mesh.shape["data"]
-    rows = max(n_data, (cfg.micro_batch_tokens // row_len) // n_data * n_data)
-    remat = resolve_remat(cfg, student.config, rows * row_len)
-    trainer = Trainer(student.model, cfg, total, mesh, remat=remat)
-
-    run_config = {"student": str(student_dir), "data": str(data), "config": dataclasses.asdict(cfg),
-                  "n_examples": len(examples), "n_skipped": n_skipped, "total_steps": total,
-                  "steps_per_epoch": plan.steps_per_epoch, "row_length": row_len,
-                  "rows_per_microbatch": rows, "remat": remat,
-                  "warmup_steps": warmup_steps(cfg, total), "devices": int(mesh.devices.size),
-                  "processes": n_proc}
+    run = _set_up(student_dir, data, cfg, mesh if mesh is not None else make_mesh())
     if resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        _check_resume_settings(out_dir / "run_config.json", run_config)
+        _check_resume_settings(out_dir / "run_config.json", run.config)
     barrier("lark_jax_train_checked")  # every process has read run_config.json
+    lead = jax.process_index() == 0
     if lead:
         fsio.make_dir(out_dir)
-        fsio.atomic_write(out_dir / "run_config.json", json.dumps(run_config, indent=2) + "\n")
-
-    mgr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep, enable_async_checkpointing=True))
-    start = 0
-    metrics_path = out_dir / "metrics.jsonl"
-    if resume and mgr.latest_step() is not None:
-        start = int(mgr.latest_step())
-        tree = {"params": trainer.params, "opt_state": trainer.opt_state}
-        # Restored onto this run's shardings, whatever mesh wrote the checkpoint.
-        abstract = {**jax.tree.map(ocp.utils.to_shape_dtype_struct, tree),
-                    "step": np.zeros((), np.int32)}
-        restored = mgr.restore(start, args=ocp.args.StandardRestore(abstract))
-        trainer.params, trainer.opt_state = restored["params"], restored["opt_state"]
-        if lead and metrics_path.exists():  # drop metrics of steps after the checkpoint
-            done = fsio.complete_lines(metrics_path).decode("utf-8")  # cuts a torn last line
-            kept = [ln for ln in done.splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= start]
-            fsio.atomic_write(metrics_path, "".join(ln + "\n" for ln in kept))
-    elif lead and metrics_path.exists():
-        metrics_path.unlink()
-
-    def save(step: int) -> None:
-        mgr.save(step, args=ocp.args.StandardSave(
-            {"params": trainer.params, "opt_state": trainer.opt_state,
-             # a host value: a device scalar would live on one process's device only
-             "step": np.asarray(step, np.int32)}))
-
-    step_tokens: dict[int, int] = {}
-
-    def packed():
-        """Each step's packed micro-batches (run by a host thread, cfg.prefetch ahead)."""
-        for step in range(start, total):
-            idx = plan.step_indices(step)
-            # Tokens of the whole step (every process's share), for the metrics: the
-            # packed records are those of weight > 0 under every objective.
-            step_tokens[step] = sum(len(examples[i].tok.ids) for i in idx
-                                    if examples[i].weight > 0)
-            yield step, list(step_microbatches(examples, idx, row_len, rows,
-                                               row_multiple=n_data, objective=cfg.objective,
-                                               process=proc, n_processes=n_proc)), \
-                step_denominator(examples, idx, cfg.objective)
-
-    preempted: dict[int, bool] = {}
-
-    def regular_checkpoint(step: int) -> bool:
-        return bool(cfg.save_every) and (step + 1) % cfg.save_every == 0
-
-    def checkpoint_step(step: int) -> bool:
-        """Whether ``step`` ends with a checkpoint (asked once per step, in order, by
-        run_steps, which then waits for the step so that the saved params are its own)."""
-        if n_proc > 1:
-            # A preemption notice (SIGTERM) on any host: every host reaches the same safe
-            # step, saves it and stops. All hosts must ask at every step (JAX's protocol).
-            from jax.experimental import multihost_utils
-
-            preempted[step] = multihost_utils.reached_preemption_sync_point(step + 1)
-        return preempted.get(step, False) or regular_checkpoint(step)
-
-    last = {"loss": math.nan, "tokens": 0, "t": time.perf_counter()}
-
-    def done(step, loss, gnorm, _local_tokens):
-        now = time.perf_counter()
-        dt, last["t"] = now - last["t"], now
-        tokens = step_tokens.pop(step)
-        last["tokens"] += tokens
-        last["loss"] = loss
-        rec = {"step": step + 1, "epoch": step // plan.steps_per_epoch + 1,
-               "loss": loss, "lr": float(trainer.schedule(step)), "grad_norm": gnorm,
-               "tokens": tokens, "tokens_per_s": tokens / dt if dt > 0 else 0.0}
-        if mf is not None:
-            mf.write(json.dumps(rec) + "\n")
-            mf.flush()
-        if not math.isfinite(loss):
-            raise LarkError(f"loss became {loss} at step {step + 1}")
-        if preempted.get(step) or regular_checkpoint(step):
-            save(step + 1)  # the step has finished (sync_after): params are its own
-        if preempted.get(step):
-            mgr.wait_until_finished()
-            raise LarkError(f"preempted (SIGTERM): every process stopped after step {step + 1}, "
-                            "whose checkpoint is saved; rerun the same command with --resume")
-        if progress is not None:
-            progress(step + 1, total, loss=loss, tok_s=rec["tokens_per_s"])
-
-    try:
-        with (fsio.open_append(metrics_path) if lead else contextlib.nullcontext()) as mf, \
-                contextlib.closing(prefetch(packed(), cfg.prefetch)) as items:
-            run_steps(trainer, items, done, sync_after=checkpoint_step)
-        if mgr.latest_step() != total:
-            save(total)
-        mgr.wait_until_finished()
-    finally:
-        mgr.wait_until_finished()
-        mgr.close()
-    trainer.opt_state = None  # export needs only the weights: free Adam's two moments first
-    final = out_dir / "final"
-    # Several processes: every one takes part in gathering the weights; process 0 writes.
-    model = trainer.model() if n_proc == 1 else trainer.host_model()
-    if lead:
-        save_student(model, final, student.tokenizer, dtype=resolve_dtype(cfg.export_dtype),
-                     overwrite=True)
-    del model
-    if lead:
-        plot_loss(metrics_path, out_dir / "loss.png")
-    barrier("lark_jax_train_written")  # no process reports before final/ exists
-    return TrainSummary(total, start, last["loss"], last["tokens"], time.perf_counter() - t0,
+        fsio.atomic_write(out_dir / "run_config.json", json.dumps(run.config, indent=2) + "\n")
+    total, tokens = run.plan.total_steps, {}
+    ckpt = Checkpointer(ckpt_dir, run.trainer, save_every=cfg.save_every, keep=cfg.keep)
+    with contextlib.closing(ckpt):
+        start = ckpt.restore() if resume else None
+        metrics = MetricsWriter(out_dir / "metrics.jsonl", enabled=lead, resumed_from=start)
+        hooks = [metrics, LossGuard(), ckpt, Progress(progress, total)]
+        with contextlib.closing(metrics), \
+                contextlib.closing(prefetch(run.packed(start or 0, tokens), cfg.prefetch)) as items:
+            ran = train_loop(run.trainer, items, hooks, step_tokens=tokens.pop,
+                             steps_per_epoch=run.plan.steps_per_epoch)
+        ckpt.finish(total)
+    final = _export(run, out_dir, cfg)
+    return TrainSummary(total, start or 0, ran.loss, ran.tokens, time.perf_counter() - t0,
                         str(final))
 
 
