@@ -1,11 +1,11 @@
 """lark-jax: LARK learnability-grounded trajectory selection in JAX / Flax NNX."""
 
 from lark_jax.errors import LarkError
+from lark_jax.evaluation.completions import generate
 from lark_jax.models import (
     Decoder,
     ModelConfig,
     Student,
-    generate,
     generate_ids,
     load_student,
     save_student,

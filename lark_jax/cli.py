@@ -52,7 +52,8 @@ def _add_generate(p):
 
 
 def _run_generate(args, rep: Reporter) -> None:
-    from lark_jax.models import generate, load_student
+    from lark_jax.evaluation.completions import generate
+    from lark_jax.models import load_student
 
     if args.prompts_file:
         try:

@@ -16,6 +16,10 @@ batch (``keys`` default to the prompt's index).
 
 Next-token choice: ``lark_jax.models.sampling`` (repetition penalty, exact top-p
 without a sort, greedy at temperature 0).
+
+Token ids in, token ids out: text prompts, decoding and text stops are
+``evaluation.completions.generate`` (a layer above), which passes its stop rule down as
+the ``stop`` callable.
 """
 
 from __future__ import annotations
@@ -286,29 +290,3 @@ def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int | Seq
                      tokens=sum(len(r) for r in results))
     return results
 
-
-def generate(student, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, *, batch_size: int = 32,
-             progress=None, **options) -> list[str]:
-    """Complete already-formatted prompt strings; returns the decoded continuations.
-
-    Temperature 0 is greedy decoding; generation stops at the tokenizer's eos
-    (or config.json's eos ids) or after ``max_new_tokens``. ``options`` are those of
-    :func:`generate_ids` (``repetition_penalty``, ``keys``, ``chunk``); ``stop_at_boxed``
-    and ``stop_strings`` end a completion at its first complete ``\\boxed{...}`` or stop
-    string and cut the text right after it.
-    """
-    from lark_jax.evaluation.stops import TextStop
-
-    if isinstance(prompts, str):
-        raise LarkError("prompts must be a list of strings, not one string")
-    tok = student.tokenizer
-    if tok is None:
-        raise LarkError("generation needs a tokenizer (load_student(..., tokenizer=True))")
-    text_stop = TextStop(tok, boxed=options.pop("stop_at_boxed", False),
-                         strings=options.pop("stop_strings", ()))
-    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    outs = generate_ids(student, ids, max_new_tokens, temperature, top_p, seed,
-                        batch_size=batch_size, progress=progress,
-                        stop=text_stop if text_stop.active else None, **options)
-    return [text_stop.text(o) for o in outs]
