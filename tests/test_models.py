@@ -272,15 +272,15 @@ def test_sequence_chunked_mlp_matches(hf_students, monkeypatch):
 
 @pytest.mark.parametrize("case", CASES)
 def test_parameter_table_counts_and_shards_every_weight(hf_students, case):
-    """num_params comes from the one table and equals transformers' count (o/mlp biases,
+    """count_params comes from the one table and equals transformers' count (o/mlp biases,
     q/k norms and tied heads included); every weight has one logical axis per dimension."""
-    from lark_jax.models.params import param_shardings, param_specs
+    from lark_jax.models.params import count_params, param_shardings, param_specs
     from lark_jax.parallel import SHARDING_RULES
 
     d, ref = hf_students[case]
     student = lark_jax.load_student(d, mesh=make_mesh(model=2))
     cfg = student.config
-    assert cfg.num_params() == sum(p.numel() for p in ref.parameters())
+    assert count_params(cfg) == sum(p.numel() for p in ref.parameters())
     known = {"layers"} | {a for rules in SHARDING_RULES.values() for a in rules}
     for spec in param_specs(cfg):
         assert len(spec.axes) == len(spec.shape) and set(spec.axes) <= known, spec

@@ -3,6 +3,9 @@
 One frozen dataclass covers Llama, Qwen2/Qwen2.5 and Qwen3: the families differ
 only in flags (q/k/v biases, per-head q/k RMSNorm, explicit head_dim, rope
 scaling, tied embeddings).
+
+The bottom of the models package: it imports nothing from it. What the config
+implies about weights (the parameter table, its count) is ``models.params``.
 """
 
 from __future__ import annotations
@@ -54,12 +57,6 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
-
-    def num_params(self) -> int:
-        """Parameter count from the parameter table (a tied head counted once)."""
-        from lark_jax.models.params import count_params
-
-        return count_params(self)
 
     # -- Hugging Face conversion -------------------------------------------------
 

@@ -22,7 +22,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -277,7 +276,3 @@ MLP_CHUNK_TOKENS = 4096
 def _mlp_chunk(b: int, t: int) -> int:
     """Largest power-of-two chunk dividing t with b * chunk <= MLP_CHUNK_TOKENS (t if small)."""
     return t if b * t <= MLP_CHUNK_TOKENS else pow2_divisor(t, MLP_CHUNK_TOKENS // b)
-
-
-def param_count(model: Decoder) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

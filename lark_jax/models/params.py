@@ -76,7 +76,9 @@ def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
 
 
 def count_params(cfg: ModelConfig) -> int:
-    """Σ over the table of each weight's size (a tied head is one weight, counted once)."""
+    """Σ over the table of each weight's size (a tied head is one weight, counted once).
+
+    The one parameter counter: a model's count is ``count_params(model.cfg)``."""
     return sum(math.prod(s.full_shape(cfg)) for s in param_specs(cfg))
 
 
