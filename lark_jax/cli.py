@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lark-jax",
         description="LARK: learnability-grounded selection of reasoning trajectories (JAX).")
-    from lark_jax import __version__
+    from lark_jax._version import __version__
 
     parser.add_argument("--version", action="version", version=f"lark-jax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

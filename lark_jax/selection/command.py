@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from lark_jax import __version__
+from lark_jax._version import __version__
 from lark_jax.errors import LarkError
 from lark_jax.progress import Reporter
 from lark_jax.selection import POLICIES, SOLVERS, select
