@@ -1,19 +1,24 @@
 """One Flax NNX decoder for the Llama, Qwen2/Qwen2.5 and Qwen3 families.
 
-Per layer l (pre-norm residual blocks, HF conventions):
+Each block (pre-norm residual, HF conventions; ``Decoder._block``):
 
-    h   = x + W_o · Attn(RoPE(n_q(W_q·RMS(x))), RoPE(n_k(W_k·RMS(x))), W_v·RMS(x))
-    out = h + W_down · (silu(W_gate·RMS(h)) ⊙ W_up·RMS(h))
+    q, k, v = RoPE(n_q(W_q·RMS(x))), RoPE(n_k(W_k·RMS(x))), W_v·RMS(x)     (_qkv)
+    h       = x + W_o · Attn(q, k, v)
+    out     = h + W_down · (silu(W_gate·RMS(h)) ⊙ W_up·RMS(h))               (_mlp)
 
 with RMS(x) = w ⊙ x / sqrt(mean(x²) + ε) computed in float32, optional q/k/v
 biases (Qwen2), optional per-head RMSNorm n_q, n_k (Qwen3), and logits
-z = W_head · RMS(x_L) (W_head = W_embed when tied).
+z = W_head · RMS(x_L) (W_head = W_embed when tied). Every projection y = x·Wᵀ (+ b)
+may carry a LoRA side path + s·(x·Aᵀ)·Bᵀ (``BlockWeights.proj``). When decoding,
+the block first writes its new keys and values into the KV cache
+(``KVCache.write``) and attends over that layer's cache.
 
-Layer weights are stacked on a leading layer axis and the layers run under
-``lax.scan``: one compiled layer body, whatever the depth (fast compiles on
-28-layer students), and ``jax.checkpoint`` per layer when ``remat`` is on.
-Weight matrices keep the Hugging Face [out, in] layout so loading and saving
-never transpose.
+Layer weights are stacked on a leading layer axis (``StackedLayerWeights``, the
+``Decoder.layers`` attribute) and the blocks run under ``lax.scan``
+(``Decoder._run_stack``): one compiled block body, whatever the depth (fast
+compiles on 28-layer students), and ``jax.checkpoint`` per block when ``remat``
+is on. Weight matrices keep the Hugging Face [out, in] layout so loading and
+saving never transpose.
 """
 
 from __future__ import annotations
@@ -68,9 +73,31 @@ class KVCache(NamedTuple):
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.zeros((batch, length), bool))
 
+    def write(self, layer, k, v, index) -> KVCache:
+        """This cache with layer ``layer``'s new keys and values k, v [B, T, Hkv, D] stored
+        at slots ``index .. index+T-1``.
 
-class Layers(nnx.Module):
-    """Holds the stacked [num_layers, ...] weights; the math lives in Decoder._layer."""
+        ``index`` is an int scalar (the same slots in every row: one dynamic_update_slice)
+        or int [B], a start slot per row (rows at different lengths), where slots past S
+        are dropped. ``valid`` is the caller's to update."""
+        kt = jnp.swapaxes(k, 1, 2).astype(self.k.dtype)  # [B, Hkv, T, D]: the cache's layout
+        vt = jnp.swapaxes(v, 1, 2).astype(self.v.dtype)
+        if jnp.ndim(index):
+            b, kv_heads, t, _ = kt.shape
+            rows = jnp.arange(b)[:, None, None]
+            heads = jnp.arange(kv_heads)[None, :, None]
+            cols = (index[:, None] + jnp.arange(t)[None])[:, None, :]
+            at = (layer, rows, heads, cols)
+            return self._replace(k=self.k.at[at].set(kt, mode="drop"),
+                                 v=self.v.at[at].set(vt, mode="drop"))
+        at = (layer, 0, 0, index, 0)
+        return self._replace(k=lax.dynamic_update_slice(self.k, kt[None], at),
+                             v=lax.dynamic_update_slice(self.v, vt[None], at))
+
+
+class StackedLayerWeights(nnx.Module):
+    """Every block's weights, one ``nnx.Param`` [num_layers, ...] per stacked table entry
+    (``params.param_specs``); the math is ``Decoder._block``."""
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         for spec in param_specs(cfg):
@@ -87,6 +114,27 @@ def _init(spec: ParamSpec, shape, dtype, rngs: nnx.Rngs):
     return (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+class BlockWeights(NamedTuple):
+    """One block's share of a scan step: ``w`` {table attr: this layer's weight},
+    ``lora`` {projection: {"a": [r, in], "b": [out, r]}} (empty without LoRA) and the
+    LoRA ``scale``."""
+
+    w: dict
+    lora: dict
+    scale: float
+
+    def proj(self, h, name: str):
+        """h [B, T, in] -> [B, T, out]: h·Wᵀ + scale·(h·Aᵀ)·Bᵀ (with factors) + b (with
+        a bias), for W = w[name] and b = w[name with "_proj" -> "_bias"]."""
+        y = jnp.einsum("btd,fd->btf", h, self.w[name])
+        if name in self.lora:  # two skinny matmuls through rank r: W + scale·B·A never formed
+            f = self.lora[name]
+            y = y + self.scale * jnp.einsum(
+                "btr,fr->btf", jnp.einsum("btd,rd->btr", h, f["a"]), f["b"])
+        bias = name.replace("_proj", "_bias")
+        return y + self.w[bias] if bias in self.w else y
+
+
 ATTN_IMPLS = ("auto", "dense", "blockwise", "flash")
 
 
@@ -101,6 +149,9 @@ class Decoder(nnx.Module):
       attn_impl: "auto" | "dense" | "blockwise" | "flash" (see ``models.attention``);
         "flash" applies to uncached calls, decoding with a KV cache uses "auto".
       mesh: the mesh the parameters live on; "flash" runs its kernel per device on it.
+
+    ``attn_kernel`` and ``attn_kernel_cached`` are what ``attn_impl`` resolves to on the
+    mesh's platform (``attention.choose_impl``) for uncached and cached calls, fixed here.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, remat: bool = False,
@@ -113,10 +164,18 @@ class Decoder(nnx.Module):
         self.remat = remat
         self.attn_impl = attn_impl
         self.mesh = mesh
+        # The kernel depends only on attn_impl and the platform the model runs on, so it
+        # is settled here, once, for uncached rows (scoring, training) and for decoding.
+        platform = (next(iter(mesh.devices.flat)) if mesh is not None
+                    else jax.devices()[0]).platform
+        self.attn_kernel = choose_impl(attn_impl, cached=False, platform=platform)
+        self.attn_kernel_cached = choose_impl(attn_impl, cached=True, platform=platform)
         for spec in param_specs(cfg):
             if not spec.stacked:
                 setattr(self, spec.attr, nnx.Param(_init(spec, spec.shape, dtype, rngs)))
-        self.layers = Layers(cfg, dtype, rngs)
+        # "layers": the state path of every stacked weight in checkpoints and in code that
+        # reads nnx.state(model)["layers"]; renaming it would break both.
+        self.layers = StackedLayerWeights(cfg, dtype, rngs)
 
     # -- forward -----------------------------------------------------------------
 
@@ -148,7 +207,8 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.zeros((b, t), jnp.int32)
-        x, _ = self._layers(input_ids, positions, AttentionMask.packed(segment_ids), lora=lora)
+        x, _ = self._run_stack(input_ids, positions, AttentionMask.packed(segment_ids),
+                               lora=lora)
         return x
 
     def decode(self, input_ids, positions, cache: KVCache, cache_index
@@ -160,114 +220,96 @@ class Decoder(nnx.Module):
 
         Args:
           input_ids, positions: int [B, T].
-          cache: a KVCache ([L, B, S, Hkv, Dh] keys and values, [B, S] valid slots).
+          cache: a KVCache ([L, B, Hkv, S, D] keys and values, [B, S] valid slots).
           cache_index: int scalar, the slot of input_ids[:, 0]; or int [B], a slot per
             row (rows at different lengths: continuous batching).
         """
         b, t = input_ids.shape
         cache_index = jnp.asarray(cache_index, jnp.int32)
         mask = AttentionMask.cached(cache_index, t, cache.valid)
-        return self._layers(input_ids, positions, mask, cache, cache_index)
+        return self._run_stack(input_ids, positions, mask, cache, cache_index)
 
-    def _layers(self, input_ids, positions, mask: AttentionMask, cache: KVCache | None = None,
-                cache_index=None, lora: tuple[dict, float] | None = None
-                ) -> tuple[jax.Array, KVCache | None]:
-        """Embed, run the layer stack (one scan over the stacked weights), final norm."""
+    def _run_stack(self, input_ids, positions, mask: AttentionMask,
+                   cache: KVCache | None = None, cache_index=None,
+                   lora: tuple[dict, float] | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Embed, run the blocks (one scan over the stacked weights, and the LoRA factors
+        beside them), final norm. Returns (hidden [B, T, D], the cache or None)."""
         x = jnp.take(self.embed[...], input_ids, axis=0)  # [B, T, D]
         cos, sin = rope_cos_sin(self.cfg, positions, self.dtype)
-        layer_params = nnx.to_pure_dict(nnx.state(self.layers))
-        scale = 0.0
-        if lora is not None:  # scanned over L beside the weights: "q_proj@a" [L, r, in], ...
-            factors, scale = lora
-            for name, f in factors.items():
-                layer_params[name + "@a"], layer_params[name + "@b"] = f["a"], f["b"]
+        weights = nnx.to_pure_dict(nnx.state(self.layers))  # {attr: [L, ...]}
+        factors, scale = lora if lora is not None else ({}, 0.0)
         if cache is None:
-            def body(x, p):
-                return self._layer(x, p, cos, sin, mask, None, None, scale)
+            def body(x, xs):
+                x, _ = self._block(x, BlockWeights(*xs, scale), cos, sin, mask)
+                return x, None
 
             if self.remat:
                 body = jax.checkpoint(body)
-            x, _ = lax.scan(body, x, layer_params)
-            return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), None
+            x, _ = lax.scan(body, x, (weights, factors))
+        else:
+            # Decoding: the whole [L, B, Hkv, S, D] cache rides in the scan's carry and each
+            # block writes only its new keys and values into it, in place. Scanned over as
+            # xs/ys instead, every step wrote out a whole new cache: 1.78x slower decoding
+            # of 256 slots on CPU (BENCHMARKS.md, generation, "many slots, small model").
+            def cached_body(carry, xs):
+                x, cache = carry
+                w, f, layer = xs
+                return self._block(x, BlockWeights(w, f, scale), cos, sin, mask, cache, layer,
+                                   cache_index), None
 
-        # Decoding: the whole [L, B, Hkv, S, D] cache rides in the scan's carry and each
-        # layer writes only its new keys and values into it, in place. Scanned over as
-        # xs/ys instead, every step wrote out a whole new cache: 1.78x slower decoding of
-        # 256 slots on CPU (BENCHMARKS.md, generation, "many slots, small model").
-        def cached_body(carry, xs):
-            x, ck, cv = carry
-            p, layer = xs
-            x, (ck, cv) = self._layer(x, p, cos, sin, mask, (ck, cv, layer), cache_index,
-                                      scale)
-            return (x, ck, cv), None
+            layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+            (x, cache), _ = lax.scan(cached_body, (x, cache), (weights, factors, layer_ids))
+        return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), cache
 
-        layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
-        (x, ck, cv), _ = lax.scan(cached_body, (x, cache.k, cache.v), (layer_params, layer_ids))
-        hidden = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
-        return hidden, KVCache(ck, cv, cache.valid)
+    def _block(self, x, w: BlockWeights, cos, sin, mask: AttentionMask,
+               cache: KVCache | None = None, layer=None, cache_index=None):
+        """One decoder block on x [B, T, D] (the module docstring's equations).
 
-    def _layer(self, x, p, cos, sin, mask: AttentionMask, cache_kv, cache_index,
-               lora_scale: float = 0.0):
-        """One decoder layer on x [B, T, D] with this layer's weights p. With ``cache_kv``
-        (the stacked [L, B, Hkv, S, Dh] keys and values, and this layer's index) the new
-        keys/values are written into it first; returns (x, the updated stacked cache)."""
+        With ``cache`` (the stacked KVCache), ``layer`` (this block's index) and
+        ``cache_index`` (see :meth:`decode`), the new keys and values are written into the
+        cache first and the queries attend over this layer's whole cache.
+        Returns (x, the updated cache or None)."""
         cfg = self.cfg
         b, t, _ = x.shape
-
-        def proj(h, w, bias):  # h [B, T, in] -> [B, T, out]
-            y = jnp.einsum("btd,fd->btf", h, p[w])
-            if w + "@a" in p:  # LoRA side path: two skinny matmuls through rank r
-                y = y + lora_scale * jnp.einsum(
-                    "btr,fr->btf", jnp.einsum("btd,rd->btr", h, p[w + "@a"]), p[w + "@b"])
-            return y + p[bias] if bias in p else y
-
-        h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
-        q = proj(h, "q_proj", "q_bias").reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = proj(h, "k_proj", "k_bias").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = proj(h, "v_proj", "v_bias").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
-            k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        new_kv = None
-        if cache_kv is not None:  # the whole stacked cache and this layer's index
-            ck, cv, layer = cache_kv
-            kt = jnp.swapaxes(k, 1, 2).astype(ck.dtype)  # [B, Hkv, T, D]: the cache's layout
-            vt = jnp.swapaxes(v, 1, 2).astype(cv.dtype)
-            if jnp.ndim(cache_index):
-                rows = jnp.arange(b)[:, None, None]
-                heads = jnp.arange(cfg.num_kv_heads)[None, :, None]
-                cols = (cache_index[:, None] + jnp.arange(t)[None])[:, None, :]
-                ck = ck.at[layer, rows, heads, cols].set(kt, mode="drop")
-                cv = cv.at[layer, rows, heads, cols].set(vt, mode="drop")
-            else:
-                at = (layer, 0, 0, cache_index, 0)
-                ck = lax.dynamic_update_slice(ck, kt[None], at)
-                cv = lax.dynamic_update_slice(cv, vt[None], at)
-            k, v = ck[layer], cv[layer]  # [B, Hkv, S, D]
-            new_kv = (ck, cv)
-        platform = (next(iter(self.mesh.devices.flat)) if self.mesh is not None
-                    else jax.devices()[0]).platform
-        impl = choose_impl(self.attn_impl, cached=cache_kv is not None, platform=platform)
-        o = attention(q, k, v, *mask, impl=impl, mesh=self.mesh,
-                      kv_heads_first=cache_kv is not None)  # [B, T, H, Dh]
-        x = x + proj(o.reshape(b, t, cfg.q_dim), "o_proj", "o_bias")
-        h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
-
-        def mlp(h):
-            a = jax.nn.silu(proj(h, "gate_proj", "gate_bias")) * proj(h, "up_proj", "up_bias")
-            return proj(a, "down_proj", "down_bias")
-
-        c = _mlp_chunk(b, t)
-        if c == t:
-            x = x + mlp(h)
+        q, k, v = _qkv(cfg, rms_norm(x, w.w["input_norm"], cfg.rms_norm_eps), w, cos, sin)
+        if cache is None:
+            o = attention(q, k, v, *mask, impl=self.attn_kernel, mesh=self.mesh)
         else:
-            # Long rows: run the MLP over sequence chunks so its [B, T, F] intermediates
-            # (the largest activations) exist for one chunk at a time. Checkpointed, or the
-            # backward pass would keep every chunk's intermediates (3 x T x F floats) anyway.
-            hc = jnp.moveaxis(h.reshape(b, t // c, c, -1), 1, 0)
-            x = x + jnp.moveaxis(lax.map(jax.checkpoint(mlp), hc), 0, 1).reshape(x.shape)
-        return x, new_kv
+            cache = cache.write(layer, k, v, cache_index)
+            o = attention(q, cache.k[layer], cache.v[layer], *mask,  # [B, Hkv, S, D] each
+                          impl=self.attn_kernel_cached, mesh=self.mesh, kv_heads_first=True)
+        x = x + w.proj(o.reshape(b, t, cfg.q_dim), "o_proj")  # o: [B, T, H, D]
+        return x + _mlp(rms_norm(x, w.w["post_norm"], cfg.rms_norm_eps), w), cache
+
+
+def _qkv(cfg: ModelConfig, h, w: BlockWeights, cos, sin):
+    """Queries [B, T, H, D], keys and values [B, T, Hkv, D] of the normed input h [B, T, D]:
+    projected, per-head RMS-normed (Qwen3), queries and keys rotated."""
+    b, t, _ = h.shape
+    q = w.proj(h, "q_proj").reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = w.proj(h, "k_proj").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = w.proj(h, "v_proj").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(q, w.w["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, w.w["k_norm"], cfg.rms_norm_eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _mlp(h, w: BlockWeights):
+    """W_down · (silu(W_gate·h) ⊙ W_up·h) for h [B, T, D], long rows in sequence chunks."""
+    def mlp(h):
+        a = jax.nn.silu(w.proj(h, "gate_proj")) * w.proj(h, "up_proj")
+        return w.proj(a, "down_proj")
+
+    b, t, _ = h.shape
+    c = _mlp_chunk(b, t)
+    if c == t:
+        return mlp(h)
+    # Long rows: run the MLP over sequence chunks so its [B, T, F] intermediates (the
+    # largest activations) exist for one chunk at a time. Checkpointed, or the backward
+    # pass would keep every chunk's intermediates (3 x T x F floats) anyway.
+    hc = jnp.moveaxis(h.reshape(b, t // c, c, -1), 1, 0)
+    return jnp.moveaxis(lax.map(jax.checkpoint(mlp), hc), 0, 1).reshape(h.shape)
 
 
 MLP_CHUNK_TOKENS = 4096
