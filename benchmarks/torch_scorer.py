@@ -1,7 +1,7 @@
 """A plain PyTorch + transformers scorer doing what the published scorer does.
 
 One record at a time: full-sequence logits cast to float32, exact CE, top-50
-renormalised Brier, on the assistant span of method.md. Dev-only comparator
+renormalised Brier, on the assistant span of docs/method.md. Dev-only comparator
 for the benchmarks (and checked against lark-jax in tests/test_benchmarks.py).
 """
 

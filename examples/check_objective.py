@@ -5,7 +5,7 @@
 Builds a random tiny student (unless --student is given), writes a selection of
 examples/pool.jsonl with weights 0.5, 1, 2 and 0 in turn, runs the CLI for one
 optimizer step over every record, and recomputes that step's loss with
-transformers in float64 from the definitions in docs/method.md (each record
+transformers in float64 from the definitions in docs/method.md, step 4 (each record
 alone, no packing). Needs the dev extra (torch). Prints both numbers.
 """
 
