@@ -94,6 +94,13 @@ class KVCache(NamedTuple):
         return self._replace(k=lax.dynamic_update_slice(self.k, kt[None], at),
                              v=lax.dynamic_update_slice(self.v, vt[None], at))
 
+    def put_rows(self, slots, rows: KVCache) -> KVCache:
+        """This cache with ``rows`` (a cache of n rows, every layer) in its rows ``slots``
+        [n]; slots past B are dropped (padding)."""
+        return KVCache(self.k.at[:, slots].set(rows.k, mode="drop"),
+                       self.v.at[:, slots].set(rows.v, mode="drop"),
+                       self.valid.at[slots].set(rows.valid, mode="drop"))
+
 
 class StackedLayerWeights(nnx.Module):
     """Every block's weights, one ``nnx.Param`` [num_layers, ...] per stacked table entry

@@ -81,11 +81,8 @@ def _admit(graphdef, params, state, slots, ids, lengths, row_keys, limits, base,
     steps = jnp.zeros((n,), jnp.int32)
     tok = _choose(model, last, seen, base, row_keys, steps, temperature, top_p, penalty,
                   greedy=greedy, use_penalty=use_penalty)
-    cache = state["cache"]
     new = dict(state)
-    new["cache"] = KVCache(cache.k.at[:, slots].set(small.k, mode="drop"),
-                           cache.v.at[:, slots].set(small.v, mode="drop"),
-                           cache.valid.at[slots].set(valid, mode="drop"))
+    new["cache"] = state["cache"].put_rows(slots, small)
     new["pos"] = state["pos"].at[slots].set(lengths, mode="drop")
     new["tok"] = state["tok"].at[slots].set(tok, mode="drop")
     new["steps"] = state["steps"].at[slots].set(0, mode="drop")
