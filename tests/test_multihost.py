@@ -25,8 +25,8 @@ kill_after = int(os.environ.get("LARK_TEST_KILL_AFTER", "0"))
 term_after = int(os.environ.get("LARK_TEST_TERM_AFTER", "0"))
 if kill_after or term_after:
     import time
-    import lark_jax.training.trainer as trainer
-    real = trainer.run_steps
+    import lark_jax.training.loop as loop
+    real = loop.run_steps
     def run_steps(tr, items, on_done, **kw):
         def done(step, *a):
             on_done(step, *a)
@@ -39,7 +39,7 @@ if kill_after or term_after:
                 # does (at 0.5 s a clean-clone CI run once agreed only on the last step).
                 time.sleep(1.0)
         return real(tr, items, done, **kw)
-    trainer.run_steps = run_steps
+    loop.run_steps = run_steps
 from lark_jax.cli import main
 sys.exit(main(sys.argv[1:]))
 """
