@@ -14,7 +14,7 @@ import pytest
 from conftest import one_device
 
 from lark_jax import LarkError
-from lark_jax.data.pool import iter_pool
+from lark_jax.data.reader import iter_pool
 from lark_jax.demo import METHODS, TEACHERS, TaskConfig, build_task, demo_config, run_demo
 from lark_jax.demo.stages import answer_styles, is_bare_answer
 from lark_jax.demo.task import SAMPLES, expression
@@ -308,6 +308,7 @@ def test_demo_end_to_end_outputs(demo_run):
 def test_demo_student_is_cached_hf_directory(demo_run):
     from lark_jax.demo.student import build_student
     from lark_jax.models import load_student
+    from lark_jax.models.params import count_params
 
     out, cache = demo_run
     st = json.loads((out / "results.json").read_text())["student"]
@@ -315,7 +316,7 @@ def test_demo_student_is_cached_hf_directory(demo_run):
     assert path.parent == cache and path.name.startswith("demo-student-")
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(path))
     student = load_student(path, mesh=one_device())  # the ordinary loading path
-    assert student.config.num_params() == st["num_params"]
+    assert count_params(student.config) == st["num_params"]
     assert student.tokenizer.chat_template
     cfg = demo_config(tiny=True)
     task = build_task(cfg.task)

@@ -341,7 +341,7 @@ def test_answers_and_summary_from_known_completions(tiny, tmp_path, monkeypatch)
             assert f"What is {i} + {i}?" in tok.decode(prompt_ids[j])
             on_result(j, tok(canned[i][s], add_special_tokens=False)["input_ids"])
 
-    # The module, not the function that lark_jax.models re-exports under the same name.
+    # Patched on the module that generation calls it from.
     monkeypatch.setattr(sys.modules["lark_jax.models.generate"], "generate_ids",
                         fake_generate_ids)
     cfg = dataclasses.replace(CFG, stop_at_boxed=False)

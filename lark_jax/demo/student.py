@@ -155,6 +155,7 @@ def build_student(recipe: StudentRecipe, pretrain_records: list[dict], corpus_re
 
     from lark_jax.models.decoder import Decoder
     from lark_jax.models.io import save_student
+    from lark_jax.models.params import count_params
     from lark_jax.training.trainer import TrainConfig, train
 
     recipe.validate()
@@ -198,7 +199,7 @@ def build_student(recipe: StudentRecipe, pretrain_records: list[dict], corpus_re
         final = work / "run" / "final"
         for name in ("metrics.jsonl", "loss.png"):
             shutil.copy(work / "run" / name, final / f"pretrain_{name}")
-        meta = {**key, "num_params": cfg.num_params(), "vocab_size": len(tok),
+        meta = {**key, "num_params": count_params(cfg), "vocab_size": len(tok),
                 "final_loss": summary.final_loss, "build_seconds": time.perf_counter() - t0,
                 "n_corpus_records": len(pretrain_records)}
         (final / RECIPE_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
