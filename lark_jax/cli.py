@@ -14,6 +14,7 @@ import sys
 import time
 
 from lark_jax import distributed  # no JAX import at module level: the parser stays light
+from lark_jax.data.reader import add_pool_arguments, pool_options, pool_size
 from lark_jax.errors import LarkError
 from lark_jax.hostmem import tune_cpu_malloc
 from lark_jax.progress import Reporter
@@ -31,7 +32,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generate(p):
-    p.add_argument("--model", required=True, help="HF-style model directory")
+    p.add_argument("--model", required=True,
+                   help="HF-style model directory, or a Hub id ORG/NAME[@REV]")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a user message (repeatable)")
     src.add_argument("--prompts-file", help="text file, one user message per line")
@@ -122,8 +124,11 @@ def _run_make_tiny(args, rep: Reporter) -> None:
 
 
 def _add_score(p):
-    p.add_argument("--pool", required=True, help="trajectory pool (JSONL)")
-    p.add_argument("--student", required=True, help="HF-style student directory")
+    p.add_argument("--pool", required=True,
+                   help="trajectory pool: JSONL, parquet file or directory, a datasets "
+                        "save_to_disk directory, or hf://datasets/ORG/NAME[/CONFIG][@REV]")
+    p.add_argument("--student", required=True,
+                   help="HF-style student directory, or a Hub id ORG/NAME[@REV]")
     p.add_argument("--out", required=True, help="scores JSON to write")
     p.add_argument("--top-k", type=int, default=50, help="K of the top-K Brier (reference: 50)")
     p.add_argument("--brier", default="topk", choices=["topk", "full"],
@@ -147,6 +152,13 @@ def _add_score(p):
                    help="the published scorer's conventions: skip assistant spans of <= 1 "
                         "token; with --dtype bfloat16, round logits to bfloat16 before the "
                         "float32 statistics (default: exact float32 logits)")
+    add_pool_arguments(p, filters=True)
+    p.add_argument("--exclude-benchmark", action="append", default=[], metavar="BENCH",
+                   help="drop pool problems that match a problem of this benchmark file "
+                        "(normalised text or a shared 13-gram); repeatable")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="drop trajectories longer than this many tokens (chat template "
+                        "included), counted in the scores' pool_filters")
     p.add_argument("--estimator", default="proxy", choices=["proxy", "gradient"],
                    help="proxy = the forward-pass Brier/L of the paper; gradient = the exact "
                         "rate ||grad L||^2/L (one backward pass per trajectory)")
@@ -160,9 +172,10 @@ def _run_score(args, rep: Reporter) -> None:
     cfg = ScoreConfig(top_k=args.top_k, brier=args.brier, max_length=args.max_length,
                       batch_tokens=args.batch_tokens, row_length=args.row_length,
                       chunk_tokens=args.chunk_tokens, estimator=args.estimator,
-                      compat=args.compat,
+                      compat=args.compat, max_tokens=args.max_tokens,
                       prefetch=args.prefetch)
     cfg.validate()
+    options = _score_pool_options(args)
     devices = None
     if distributed.join(args):
         import jax
@@ -174,7 +187,7 @@ def _run_score(args, rep: Reporter) -> None:
     mesh = make_mesh(model=args.model_parallel, devices=devices)
     rep.info(f"loading {args.student} ({args.dtype}) on {mesh_summary(mesh)}")
     student = load_student(args.student, dtype=args.dtype, mesh=mesh, attn_impl=args.attention)
-    total = _count_lines(args.pool)
+    total = pool_size(args.pool, options)
     done_tokens = 0
 
     def progress(n, tokens):
@@ -183,7 +196,8 @@ def _run_score(args, rep: Reporter) -> None:
         advance(n, tokens=f"{done_tokens:,}")
 
     with rep.bar(total, "score", unit="traj") as advance:
-        s = score_pool(student, args.pool, args.out, cfg, resume=args.resume, progress=progress)
+        s = score_pool(student, args.pool, args.out, cfg, resume=args.resume, progress=progress,
+                       pool_options=options)
     rate = s.tokens / s.seconds if s.seconds > 0 else 0.0
     rep.summary(f"scored {s.n_scored} trajectories of {s.n_problems} problems "
                 f"({s.n_skipped} skipped, {s.n_resumed} resumed); {s.tokens} tokens in "
@@ -207,12 +221,16 @@ def _check_attention(impl: str) -> None:
                         f"{jax.default_backend()}); use auto or blockwise")
 
 
-def _count_lines(path: str) -> int | None:
-    try:
-        with open(path, "rb") as f:
-            return sum(1 for line in f if line.strip())
-    except OSError:
-        return None
+def _score_pool_options(args):
+    """The pool options of ``score``, benchmarks for decontamination loaded."""
+    from lark_jax.data.filters import Decontaminator
+    from lark_jax.evaluation.bench import load_benchmark
+
+    exclude = None
+    if args.exclude_benchmark:
+        exclude = Decontaminator(p.prompt for path in args.exclude_benchmark
+                                 for p in load_benchmark(path).problems)
+    return pool_options(args, exclude, tuple(args.exclude_benchmark))
 
 
 # -- train -----------------------------------------------------------------------------
@@ -220,7 +238,8 @@ def _count_lines(path: str) -> int | None:
 
 def _add_train(p):
     p.add_argument("--data", required=True, help="selection JSONL (meta.train_weight honoured)")
-    p.add_argument("--student", required=True, help="HF-style student directory")
+    p.add_argument("--student", required=True,
+                   help="HF-style student directory, or a Hub id ORG/NAME[@REV]")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-5)

@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lark_jax import LarkError
-from lark_jax.data.pool import read_pool, validate_record
+from lark_jax.data.pool import validate_record
+from lark_jax.data.reader import read_pool
 
 GOOD = {"problem_id": 1, "candidate_id": 0, "teacher": "t",
         "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}

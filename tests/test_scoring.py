@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 import lark_jax
 from lark_jax import LarkError
 from lark_jax.data.chat import tokenize_record
-from lark_jax.data.pool import iter_pool
 from lark_jax.data.prefetch import prefetch
+from lark_jax.data.reader import iter_pool
 from lark_jax.learnability.kernel import blocked_top_k, token_stats
 from lark_jax.learnability.runner import ScoreConfig, score_pool
 from lark_jax.learnability.scores import g_hat

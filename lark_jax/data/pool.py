@@ -1,4 +1,4 @@
-"""Reading and validating trajectory pools (the reference's JSONL format).
+"""Trajectory records and the reference's JSONL format (``data.reader`` reads every format).
 
 One record a line::
 
@@ -26,7 +26,9 @@ class Record:
     candidate_id: int
     teacher: str
     messages: tuple[dict, ...]
-    line: int  # 1-based line number in the pool file
+    line: int  # 1-based: the line of a JSONL pool, the trajectory's ordinal in other sources
+    source_id: str | None = None  # the pool's own problem id when it is not an integer
+    where: str = ""  # file:line or file:row N, for messages
 
     @property
     def key(self) -> tuple[int, int]:
@@ -97,24 +99,3 @@ def iter_jsonl(path: str | Path, what: str = "file") -> Iterator[tuple[str, int,
                 raise LarkError(f"malformed JSON ({json_msg(e)} at column {e.colno})",
                                 where=where) from None
             yield where, lineno, obj
-
-
-def iter_pool(path: str | Path, *, check_duplicates: bool = True) -> Iterator[Record]:
-    """Yield validated records; blank lines are skipped, anything malformed is fatal."""
-    seen: set[tuple[int, int]] = set()
-    n = 0
-    for where, lineno, obj in iter_jsonl(path, "pool file"):
-        pid, cid, teacher, msgs = validate_record(obj, where)
-        if check_duplicates:
-            if (pid, cid) in seen:
-                raise LarkError(f"duplicate (problem_id, candidate_id) = ({pid}, {cid})",
-                                where=where)
-            seen.add((pid, cid))
-        n += 1
-        yield Record(pid, cid, teacher, msgs, lineno)
-    if n == 0:
-        raise LarkError("pool is empty (no records)", where=str(path))
-
-
-def read_pool(path: str | Path) -> list[Record]:
-    return list(iter_pool(path))

@@ -18,7 +18,7 @@ _DEFAULTS = {"samples": 5, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF-style model directory")
+    p.add_argument("--model", help="HF-style model directory, or a Hub id ORG/NAME[@REV]")
     p.add_argument("--benchmark", help="benchmark: JSON list or JSONL of "
                    "{prompt|problem, answer, level?}")
     p.add_argument("--out", help="eval directory to write (generations.jsonl, answers.jsonl, "

@@ -28,9 +28,12 @@ from flax import nnx
 
 from lark_jax import fsio
 from lark_jax.data.chat import Tokenized, tokenize_record
+from lark_jax.data.filters import FilterCounts
 from lark_jax.data.packing import PackedBatch, best_fit_rows, build_batch
-from lark_jax.data.pool import Record, iter_pool
+from lark_jax.data.pool import Record
 from lark_jax.data.prefetch import prefetch
+from lark_jax.data.reader import PoolOptions, iter_pool
+from lark_jax.data.sources import HUB_PREFIX
 from lark_jax.distributed import barrier, check_same_settings
 from lark_jax.errors import LarkError
 from lark_jax.learnability.kernel import STATS, score_batch
@@ -58,6 +61,7 @@ class ScoreConfig:
     # scorer's conventions: skip spans of <= 1 token; with a bfloat16 student, round the
     # logits to bfloat16 before the float32 statistics (a bf16 forward + .float()).
     compat: str | None = None
+    max_tokens: int | None = None  # drop trajectories longer than this (a filter, counted)
 
     def validate(self) -> None:
         if self.brier not in ("topk", "full"):
@@ -72,6 +76,8 @@ class ScoreConfig:
             raise LarkError("--row-length must be a power of two >= 16")
         if self.prefetch < 0:
             raise LarkError("--prefetch must be >= 0")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise LarkError("--max-tokens must be >= 1")
         if self.compat not in (None, "reference"):
             raise LarkError(f"--compat must be 'reference' (or absent), got {self.compat!r}")
 
@@ -179,23 +185,28 @@ def _batches(items: list[Tokenized], cfg: ScoreConfig, n_data: int):
 # -> multi-host merge. The first two run in a host thread ahead of the device.
 
 
-def read_share(pool: Path, proc: int, n_proc: int, done: set, stop: threading.Event
+def read_share(pool, proc: int, n_proc: int, done: set, stop: threading.Event,
+               options: PoolOptions | None = None, counts: FilterCounts | None = None
                ) -> Iterator[Record]:
-    """Stage 1: the validated records of ``pool`` this process scores (index ≡ proc mod
-    n_proc) that are not ``done``; stops early once ``stop`` is set."""
-    for index, rec in enumerate(iter_pool(pool)):
+    """Stage 1: the validated records of ``pool`` that pass the filters and this process
+    scores (index ≡ proc mod n_proc) and are not ``done``; stops early once ``stop`` is
+    set. Filter drops go to ``counts``."""
+    for index, rec in enumerate(iter_pool(pool, options, counts=counts)):
         if stop.is_set():
             return
         if index % n_proc == proc and rec.key not in done:
             yield rec
 
 
-def tokenize_and_pack(records: Iterable[Record], tokenizer, pool: Path, cfg: ScoreConfig,
-                      n_data: int) -> Iterator[tuple[str, list[Record], PackedBatch | None]]:
+def tokenize_and_pack(records: Iterable[Record], tokenizer, pool, cfg: ScoreConfig,
+                      n_data: int, counts: FilterCounts | None = None
+                      ) -> Iterator[tuple[str, list[Record], PackedBatch | None]]:
     """Stage 2: tokenize records, and pack each window of ``cfg.window_tokens`` tokens.
 
     Yields ("skip", records, None) for records ``cfg`` skips (no scored span) and
-    ("batch", kept records, PackedBatch) whose slots index the kept records.
+    ("batch", kept records, PackedBatch) whose slots index the kept records. Records over
+    ``cfg.max_tokens`` are dropped (counted in ``counts.too_long``). Errors name the
+    record's place (``Record.where``; ``pool:line`` for records built without one).
     """
     def window(recs: list[Record], items: list[Tokenized]):
         skipped = [r for r, t in zip(recs, items, strict=True) if cfg.skips(t)]
@@ -210,7 +221,12 @@ def tokenize_and_pack(records: Iterable[Record], tokenizer, pool: Path, cfg: Sco
     items: list[Tokenized] = []
     n_tokens = 0
     for rec in records:
-        t = tokenize_record(tokenizer, rec.messages, cfg.max_length, where=f"{pool}:{rec.line}")
+        t = tokenize_record(tokenizer, rec.messages, cfg.max_length,
+                            where=rec.where or f"{pool}:{rec.line}")
+        if cfg.max_tokens is not None and len(t.ids) > cfg.max_tokens:
+            if counts is not None:
+                counts.too_long += 1
+            continue
         recs.append(rec)
         items.append(t)
         n_tokens += len(t.ids)
@@ -230,6 +246,8 @@ def batch_rows(batch: PackedBatch, recs: list[Record], sums, grads) -> list[dict
         rec = recs[i]
         row = {"problem_id": rec.problem_id, "candidate_id": rec.candidate_id,
                "teacher": rec.teacher, "pool_line": rec.line}
+        if rec.source_id is not None:  # the pool's own (non-integer) problem id
+            row["source_id"] = rec.source_id
         row.update({k: float(x) for k, x in zip(STATS, sums[r, s], strict=True)})
         row["tokens"] = int(round(row["tokens"]))
         if grads is not None:
@@ -285,8 +303,13 @@ class SidecarWriter:
 
 def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = ScoreConfig(),
                *, resume: bool = False, progress: Callable[..., None] | None = None,
-               student_name: str | None = None) -> ScoreSummary:
+               student_name: str | None = None, pool_options: PoolOptions | None = None
+               ) -> ScoreSummary:
     """Score every trajectory of ``pool`` with ``student`` and write the scores JSON to ``out``.
+
+    ``pool`` is any source ``data.sources`` reads (JSONL, parquet, a saved dataset, a Hub
+    dataset), read with ``pool_options`` (columns, layout, split, filters). With filters,
+    the scores JSON gains a "pool_filters" field: the options and each filter's drops.
 
     ``progress(n_records, tokens=...)`` is called after each batch.
 
@@ -299,15 +322,21 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
     """
     cfg.validate()
     t0 = time.perf_counter()
-    pool, out = Path(pool), fsio.refuse_link(out)
+    out = fsio.refuse_link(out)
+    options = pool_options or PoolOptions()
+    counts = FilterCounts()
     if out.is_dir():
         raise LarkError("output path is a directory", where=str(out))
     if student.tokenizer is None:
         raise LarkError("scoring needs the student's tokenizer")
-    name = student_name or student.path or "student"
+    name = student_name or student.source or student.path or "student"
     header = {"lark_jax_sidecar": SIDECAR_VERSION, "student": str(name), "top_k": cfg.top_k,
-              "max_length": cfg.max_length, "pool": str(pool.resolve()),
-              "estimator": cfg.estimator, "compat": cfg.compat}
+              "max_length": cfg.max_length, "pool": _pool_id(pool),
+              "estimator": cfg.estimator, "compat": cfg.compat,
+              # the forward dtype changes every statistic: a resume must not mix two
+              "dtype": str(student.model.dtype)}
+    if options != PoolOptions() or cfg.max_tokens is not None:  # old sidecars stay valid
+        header["pool_options"] = {**options.describe(), "max_tokens": cfg.max_tokens}
     n_proc, proc = jax.process_count(), jax.process_index()
     check_same_settings({**header, **dataclasses.asdict(cfg), "resume": resume,
                          "out": str(out)}, "score")
@@ -334,9 +363,9 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
         return sums, grads  # undone: DeviceLoop fetches them after the next dispatch
 
     stop = threading.Event()  # set on failure: the host thread stops at its next record
-    records = read_share(pool, proc, n_proc, sidecar.done_keys(), stop)
-    work = prefetch(tokenize_and_pack(records, student.tokenizer, pool, cfg, mesh.shape["data"]),
-                    cfg.prefetch)
+    records = read_share(pool, proc, n_proc, sidecar.done_keys(), stop, options, counts)
+    work = prefetch(tokenize_and_pack(records, student.tokenizer, pool, cfg,
+                                      mesh.shape["data"], counts), cfg.prefetch)
     writer = SidecarWriter(sidecar, progress)
     loop = DeviceLoop(run, writer.finished)
     try:
@@ -356,7 +385,10 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
                 return ScoreSummary(0, len(sidecar.rows), len(sidecar.skipped), n_resumed,
                                     writer.tokens, writer.padded, time.perf_counter() - t0,
                                     str(out))
-        problems = _write_scores(out, rows, skipped, cfg, name)
+        filters = None
+        if header.get("pool_options"):
+            filters = {"options": header["pool_options"], "dropped": counts.as_dict()}
+        problems = _write_scores(out, rows, skipped, cfg, name, filters)
         if n_proc > 1:
             barrier("lark_jax_score_written")
     except BaseException as failure:
@@ -377,9 +409,16 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
                         writer.padded, time.perf_counter() - t0, str(out))
 
 
+def _pool_id(pool) -> str:
+    """How the sidecar header names the pool: a local path resolved, a Hub id as given."""
+    text = str(pool)
+    return text if text.startswith(HUB_PREFIX) else str(Path(text).resolve())
+
+
 def _write_scores(out: Path, rows: list[dict], skipped: list[dict], cfg: ScoreConfig,
-                  name) -> int:
-    """The scores JSON from every row (atomically); returns the number of problems."""
+                  name, filters: dict | None = None) -> int:
+    """The scores JSON from every row (atomically); returns the number of problems.
+    Without filters it is exactly the reference's layout (plus lark-jax's fields)."""
     scores = build_scores(rows, cfg.brier, cfg.estimator)
     problems = {r["problem_id"] for r in rows} | {r["problem_id"] for r in skipped}
     fsio.atomic_json(out, {
@@ -387,6 +426,7 @@ def _write_scores(out: Path, rows: list[dict], skipped: list[dict], cfg: ScoreCo
         "brier": cfg.brier, "estimator": cfg.estimator, "max_length": cfg.max_length,
         "compat": cfg.compat or "exact",
         "n_problems": len(problems), "n_scored": len(rows), "n_skipped": len(skipped),
+        **({"pool_filters": filters} if filters else {}),
         "scores": scores,
     })
     return len(problems)

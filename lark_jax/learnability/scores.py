@@ -42,6 +42,8 @@ def trajectory_stats(row: dict, brier: str = "topk", estimator: str = "proxy") -
     }
     if "pool_line" in row:  # the record's line in the pool: select's tie order
         out["pool_line"] = row["pool_line"]
+    if "source_id" in row:  # the pool's own problem id (a uuid, ...)
+        out["source_id"] = row["source_id"]
     if estimator == "gradient":
         out["grad_sq"] = row["grad_sq"]
         out["rho_proxy"] = rho_proxy

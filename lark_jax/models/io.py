@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from flax import nnx
 
 from lark_jax import fsio
 from lark_jax.errors import LarkError
+from lark_jax.hub import snapshot
 from lark_jax.models.config import ModelConfig
 from lark_jax.models.decoder import Decoder
 from lark_jax.models.params import ParamSpec, param_specs
@@ -39,7 +41,8 @@ class Student:
     tokenizer: Any
     config: ModelConfig
     mesh: jax.sharding.Mesh
-    path: str | None = None
+    path: str | None = None  # the local directory it was read from
+    source: str | None = None  # what it was named by (a directory, or a Hub id ORG/NAME[@REV])
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -158,6 +161,29 @@ def load_tokenizer(model_dir: str | Path):
     return tok
 
 
+# What a Hub model is fetched as: config, safetensors weights, tokenizer and chat template.
+# Never *.bin / *.pt / *.pth / *.ckpt (pickle), never modelling code.
+HUB_MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors",
+                   "*.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json"]
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """A local model directory, or a Hub id ``ORG/NAME[@REV]`` (a path that does not
+    exist) resolved through the Hugging Face cache (``lark_jax.hub``: HF_HOME,
+    HF_HUB_CACHE, HF_HUB_OFFLINE) to its snapshot, fetching only HUB_MODEL_FILES."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    m = _HUB_ID.match(str(model))
+    if m is None or path.exists():
+        raise LarkError("model directory not found", where=str(model))
+    return snapshot(m["repo"], repo_type="model", revision=m["rev"], patterns=HUB_MODEL_FILES,
+                    where=str(model))
+
+
 def load_student(model_dir: str | Path, dtype="float32", *, mesh=None, tokenizer: bool = True,
                  remat: bool = False, attn_impl: str = "auto") -> Student:
     """Load an HF-style directory (config.json, safetensors, tokenizer) onto a device mesh.
@@ -167,7 +193,7 @@ def load_student(model_dir: str | Path, dtype="float32", *, mesh=None, tokenizer
     shard at a time: the host never holds the model twice.
 
     Args:
-      model_dir: the directory.
+      model_dir: the directory, or a Hub id ``ORG/NAME[@REV]`` (``resolve_model_dir``).
       dtype: "float32" | "bfloat16" | "float16" (parameters and activations).
       mesh: a ("data", "model") mesh; default all devices on "data" (params replicated).
       tokenizer: also load the tokenizer (required by scoring and generation).
@@ -175,9 +201,8 @@ def load_student(model_dir: str | Path, dtype="float32", *, mesh=None, tokenizer
       attn_impl: "auto" | "dense" | "blockwise" | "flash" (``lark_jax.models.attention``;
         "flash" is the fused GPU kernel).
     """
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise LarkError("model directory not found", where=str(model_dir))
+    source = str(Path(model_dir)) if Path(model_dir).is_dir() else str(model_dir)
+    model_dir = resolve_model_dir(model_dir)
     dtype = resolve_dtype(dtype)
     cfg = ModelConfig.from_file(model_dir / "config.json")
     tensors = _weight_index(model_dir)
@@ -192,7 +217,8 @@ def load_student(model_dir: str | Path, dtype="float32", *, mesh=None, tokenizer
     nnx.replace_by_pure_dict(state, pure)
     model = nnx.merge(graphdef, state)
     tok = load_tokenizer(model_dir) if tokenizer else None
-    return Student(model=model, tokenizer=tok, config=cfg, mesh=mesh, path=str(model_dir))
+    return Student(model=model, tokenizer=tok, config=cfg, mesh=mesh, path=str(model_dir),
+                   source=source)
 
 
 def _host_tensors(model: Decoder, dtype=None):

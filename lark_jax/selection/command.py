@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from lark_jax._version import __version__
+from lark_jax.data.reader import add_pool_arguments, pool_options
 from lark_jax.errors import LarkError
 from lark_jax.progress import Reporter
 from lark_jax.selection import POLICIES, SOLVERS, select
@@ -27,7 +28,10 @@ from lark_jax.selection.io import (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scores", required=True, help="scores JSON written by `lark-jax score`")
-    p.add_argument("--pool", required=True, help="the trajectory pool (JSONL) that was scored")
+    p.add_argument("--pool", required=True,
+                   help="the trajectory pool that was scored (any source `score` reads, "
+                        "read with the same --columns/--layout/--split)")
+    add_pool_arguments(p, filters=False)
     p.add_argument("--out", required=True,
                    help="training JSONL to write (a manifest goes to OUT.manifest.json)")
     p.add_argument("--policy", default="lark", choices=POLICIES,
@@ -95,9 +99,11 @@ def run(args, rep: Reporter) -> None:
 
     rows, cols, pids, cids, wanted = chosen_keys(sel)
     positions: list = []
+    options, source_ids = pool_options(args), {}
     with rep.bar(None, "read pool", unit="rec") as advance:
         found, unscored = gather_pool(args.pool, table, wanted, progress=advance,
-                                      positions=positions)
+                                      positions=positions, options=options,
+                                      source_ids=source_ids)
     tie_order = table.order_source
     cross_problem = args.global_budget is not None and table.order_source != "pool_line"
     if args.policy == "lark" and (cross_problem or not pool_order_agrees(table, positions[0])):
@@ -111,7 +117,8 @@ def run(args, rep: Reporter) -> None:
         rows, cols, pids, cids, wanted = chosen_keys(sel)
         if not wanted <= found.keys():
             with rep.bar(None, "read pool again", unit="rec") as advance:
-                found, unscored = gather_pool(args.pool, table, wanted, progress=advance)
+                found, unscored = gather_pool(args.pool, table, wanted, progress=advance,
+                                              options=options, source_ids=source_ids)
 
     train_w = sel.weights[rows, cols] * sel.train_scale
     scores = sel.score[rows, cols]
@@ -123,7 +130,9 @@ def run(args, rep: Reporter) -> None:
             yield {"messages": list(messages),
                    "meta": {"problem_id": pid, "candidate_id": cid, "teacher": teacher,
                             "policy": sel.policy, "budget": budget, "score": json_number(s),
-                            "train_weight": float(w)}}
+                            "train_weight": float(w),
+                            **({"source_id": source_ids[pid, cid]}
+                               if (pid, cid) in source_ids else {})}}
 
     tokens = table.fields.get("tokens")
     selected_tokens = int(np.nansum(np.where(sel.chosen, tokens, 0))) if tokens is not None \
@@ -148,6 +157,8 @@ def run(args, rep: Reporter) -> None:
         "n_problems_empty": table.n_empty,
         "n_candidates": table.n_candidates,
         "n_pool_records_unscored": unscored,
+        "pool_options": options.describe(),
+        "pool_filters": table.header.get("pool_filters"),
         "n_records": len(pids),
         "n_problems_selected": int(sel.chosen.any(-1).sum()),
         "selected_tokens": selected_tokens,

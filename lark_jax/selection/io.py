@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from lark_jax import fsio
-from lark_jax.data.pool import iter_pool
+from lark_jax.data.reader import PoolOptions, iter_pool
 from lark_jax.errors import LarkError, json_msg
 
 NUMERIC_FIELDS = ("g_hat", "L", "Brier", "rho", "rsr", "tokens", "mean_rank")
@@ -63,6 +63,7 @@ class ScoreTable:
     n_empty: int = 0  # problems listed with no candidate (left out of the table)
     order: np.ndarray | None = None  # [N, K] int64 tie keys (module docstring); pad = max
     order_source: str = "candidate_id"  # "pool_line" | "scores file order" | ...
+    header: dict = dataclasses.field(default_factory=dict)  # the file's other fields
 
     @property
     def n_problems(self) -> int:
@@ -182,8 +183,10 @@ def load_scores(path: str | os.PathLike, *, need: Sequence[str] = (),
         raise LarkError(f"expected a JSON object, got {type(obj).__name__}", where=str(path))
     if "scores" not in obj:
         raise LarkError("missing field 'scores'", where=str(path))
-    return ScoreTable.from_problems(obj["scores"], need=need, optional=optional,
-                                    source=str(path))
+    table = ScoreTable.from_problems(obj["scores"], need=need, optional=optional,
+                                     source=str(path))
+    table.header = {k: v for k, v in obj.items() if k != "scores"}
+    return table
 
 
 def _as_rows(pairs: np.ndarray) -> np.ndarray:
@@ -201,12 +204,16 @@ def pool_order_agrees(table: ScoreTable, positions: np.ndarray) -> bool:
 
 
 def gather_pool(pool: str | os.PathLike, table: ScoreTable, wanted: set[tuple[int, int]],
-                progress: Callable[[int], None] | None = None, positions: list | None = None
+                progress: Callable[[int], None] | None = None, positions: list | None = None,
+                options: PoolOptions | None = None, source_ids: dict | None = None
                 ) -> tuple[dict[tuple[int, int], tuple[str, tuple[dict, ...]]], int]:
     """Stream the pool once: ``({key: (teacher, messages)} for wanted keys, n_unscored)``.
 
-    With ``positions=[]`` the list receives one ``[N, K]`` int64 array: every scored
-    candidate's record index in the pool file (padding: -1).
+    The pool is read with ``options`` (columns, layout, split: those it was scored with;
+    its filters are not applied again: what they dropped was not scored). With
+    ``positions=[]`` the list receives one ``[N, K]`` int64 array: every scored
+    candidate's record index in the pool (padding: -1). ``source_ids``, a dict, receives
+    the pool's own problem id of each wanted key that has one.
 
     Every scored candidate must be in the pool; otherwise a :class:`LarkError` names the
     scores file and the first missing (problem, candidate). Pool records that were not scored
@@ -215,11 +222,15 @@ def gather_pool(pool: str | os.PathLike, table: ScoreTable, wanted: set[tuple[in
     # Keys go into compact int64 buffers, not a set of tuples: a pool can hold millions.
     pool_pids, pool_cids = array("q"), array("q")
     found: dict[tuple[int, int], tuple[str, tuple[dict, ...]]] = {}
-    for rec in iter_pool(pool):
+    if options is not None:
+        options = dataclasses.replace(options, require=(), complete=False, exclude=None)
+    for rec in iter_pool(pool, options):
         pool_pids.append(rec.problem_id)
         pool_cids.append(rec.candidate_id)
         if rec.key in wanted:
             found[rec.key] = (rec.teacher, rec.messages)
+            if source_ids is not None and rec.source_id is not None:
+                source_ids[rec.key] = rec.source_id
         if progress is not None:
             progress(1)
     scored = np.stack([np.repeat(table.problem_ids, table.mask.sum(1)),
