@@ -71,6 +71,7 @@ import jax
 from lark_jax import fsio
 from lark_jax.demo import report, stages
 from lark_jax.demo.config import METHOD_SPECS, METHODS, DemoConfig, demo_config
+from lark_jax.demo.estimate import REFERENCE_MACHINE, estimate
 from lark_jax.demo.student import cache_root
 from lark_jax.errors import LarkError
 
@@ -141,7 +142,20 @@ class DemoResult:
     seconds: float
 
 
-def run_demo(out_dir: str | os.PathLike = "lark-jax-demo", *, quick: bool = False,
+def _estimate(ctx) -> dict[str, float]:
+    """The run's time per stage on the reference machine (``demo.estimate``)."""
+    import collections
+
+    from lark_jax.demo.student import is_built, student_path
+
+    cfg = ctx.cfg
+    cached = not ctx.rebuild_student and is_built(
+        student_path(cfg.student, cfg.task.corpus_recipe(), ctx.cache_dir))
+    per_teacher = collections.Counter(r["teacher"] for r in ctx.task.pool)
+    return estimate(cfg, len(ctx.task.pool), dict(per_teacher), cached)
+
+
+def run_demo(out_dir: str | os.PathLike = "lark-jax-demo", *, quick: bool = True,
              tiny: bool = False, seeds=None, config: DemoConfig | None = None, mesh=None,
              cache_dir: str | os.PathLike | None = None, rebuild_student: bool = False,
              reporter=None, persistent_compilation_cache: bool = True) -> DemoResult:
@@ -176,10 +190,23 @@ def run_demo(out_dir: str | os.PathLike = "lark-jax-demo", *, quick: bool = Fals
                              cache_dir=cache_dir, rebuild_student=rebuild_student)
     ctx.rep.info(f"lark-jax demo ({cfg.preset}) on {mesh_summary(mesh)} -> {out}")
     with compilation_cache(root / "jax-compilation-cache" if persistent_compilation_cache
-                           else None):
-        for stage in (stages.make_task, stages.make_student, stages.score,
-                      stages.evaluate_base, stages.run_methods, stages.diagnostics):
+                           else None), ctx.rep.bar(None, "demo stages (estimated s)",
+                                                   unit="s") as overall:
+        stages.make_task(ctx)
+        ctx.estimate = _estimate(ctx)
+        total = sum(ctx.estimate.values())
+        ctx.rep.info(f"estimate: about {total / 60:.0f} min at the speed of a "
+                     f"{REFERENCE_MACHINE} (" + ", ".join(
+                         f"{k} {v / 60:.1f}" for k, v in ctx.estimate.items()) + " min)")
+        overall(0, total=round(total))
+        # The bar advances by each stage's estimate: its time left is the estimate scaled
+        # by the speed measured so far.
+        for name, stage in (("student", stages.make_student), ("score", stages.score),
+                            ("base eval", stages.evaluate_base),
+                            ("fine-tunes", stages.run_methods),
+                            ("diagnostics", stages.diagnostics)):
             stage(ctx)
+            overall(round(ctx.estimate[name]))
     with ctx.stage("report"):
         results = report.build_results(ctx, t_start)
         plots = report.plots(ctx, results)

@@ -241,6 +241,8 @@ def build_results(ctx, t_start: float) -> dict:
             if "gradient_check" in diag else 0,
         },
         "timings_s": {k: round(v, 1) for k, v in ctx.timings.items()},
+        # what the demo predicted at its start (demo.estimate), beside what it took
+        "estimate_s": {k: round(v, 1) for k, v in ctx.estimate.items()},
         "seconds": round(time.perf_counter() - t_start, 1),
     }
 

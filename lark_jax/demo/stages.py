@@ -57,6 +57,7 @@ class DemoContext:
     utility: dict[str, dict] = dataclasses.field(default_factory=dict)  # per teacher
     tuned: dict[str, Any] = dataclasses.field(default_factory=dict)  # "all": first seed's
     diagnostics: dict = dataclasses.field(default_factory=dict)
+    estimate: dict = dataclasses.field(default_factory=dict)  # stage -> seconds (estimate)
 
     _open: list = dataclasses.field(default_factory=list, repr=False)
 

@@ -141,6 +141,16 @@ def _describe(path: Path, cached: bool, seconds: float) -> BuiltStudent:
                         meta["student"]["pretrain_steps"], meta.get("final_loss"))
 
 
+def student_path(recipe: StudentRecipe, corpus_recipe: dict, cache_dir=None) -> Path:
+    """Where the student of this recipe and corpus is cached."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    return root / f"demo-student-{recipe_hash(recipe_key(recipe, corpus_recipe))}"
+
+
+def is_built(path: Path) -> bool:
+    return (path / RECIPE_FILE).is_file() and (path / "config.json").is_file()
+
+
 def build_student(recipe: StudentRecipe, pretrain_records: list[dict], corpus_recipe: dict, *,
                   cache_dir: str | os.PathLike | None = None, mesh=None, rebuild: bool = False,
                   progress: Callable[..., None] | None = None,
@@ -164,8 +174,8 @@ def build_student(recipe: StudentRecipe, pretrain_records: list[dict], corpus_re
     t0 = time.perf_counter()
     key = recipe_key(recipe, corpus_recipe)
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    target = root / f"demo-student-{recipe_hash(key)}"
-    if not rebuild and (target / RECIPE_FILE).is_file() and (target / "config.json").is_file():
+    target = student_path(recipe, corpus_recipe, cache_dir)
+    if not rebuild and is_built(target):
         return _describe(target, True, time.perf_counter() - t0)
     try:
         root.mkdir(parents=True, exist_ok=True)
