@@ -35,6 +35,16 @@ def messages(problem, answer):
     return [{"role": "user", "content": problem}, {"role": "assistant", "content": answer}]
 
 
+def problem_rows(recs) -> dict:
+    """The trajectories as columns of the one-problem-a-row layout."""
+    problems = {}
+    for p, c, t, q, a in recs:
+        problems.setdefault(p, (q, []))[1].append((c, t, a))
+    return {"problem_id": list(problems), "problem": [q for q, _ in problems.values()],
+            "generations": [[a for _, _, a in g] for _, g in problems.values()],
+            "teachers": [[t for _, t, _ in g] for _, g in problems.values()]}
+
+
 def write_layouts(tmp_path, recs) -> dict:
     """The same trajectories in every layout and source lark-jax reads."""
     import datasets
@@ -58,12 +68,7 @@ def write_layouts(tmp_path, recs) -> dict:
                                                  {"from": "gpt", "value": a}]}) + "\n"
         for p, c, t, q, a in recs))  # no candidate_id: the order within the problem
     out["sharegpt jsonl"] = sharegpt
-    problems = {}
-    for p, c, t, q, a in recs:
-        problems.setdefault(p, (q, []))[1].append((c, t, a))
-    rows = {"problem_id": list(problems), "problem": [q for q, _ in problems.values()],
-            "generations": [[a for _, _, a in g] for _, g in problems.values()],
-            "teachers": [[t for _, t, _ in g] for _, g in problems.values()]}
+    rows = problem_rows(recs)
     pq.write_table(pa.table(rows), d / "problems.parquet", row_group_size=2)
     out["problem parquet"] = d / "problems.parquet"
     shards = d / "shards"
@@ -102,13 +107,7 @@ def hub_cache(tmp_path, rows: dict, repo="org/pool", rev="b" * 40):
 def layouts(tmp_path, monkeypatch):
     recs = base_records(tmp_path)
     out = write_layouts(tmp_path, recs)
-    problems = {}
-    for p, c, t, q, a in recs:
-        problems.setdefault(p, (q, []))[1].append((c, t, a))
-    rows = {"problem_id": list(problems), "problem": [q for q, _ in problems.values()],
-            "generations": [[a for _, _, a in g] for _, g in problems.values()],
-            "teachers": [[t for _, t, _ in g] for _, g in problems.values()]}
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache(tmp_path, rows)))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache(tmp_path, problem_rows(recs))))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out["hub dataset id"] = "hf://datasets/org/pool"
     return recs, out

@@ -254,19 +254,24 @@ def _parquet_rows(path: Path, process: int, n_processes: int) -> Iterator[tuple[
 
     try:
         f = pq.ParquetFile(path)
-        groups = [g for g in range(f.num_row_groups) if g % n_processes == process]
         starts = [0]
         for g in range(f.num_row_groups):
             starts.append(starts[-1] + f.metadata.row_group(g).num_rows)
-        for g in groups:
-            row = starts[g]
-            for batch in f.iter_batches(batch_size=ARROW_BATCH_ROWS, row_groups=[g]):
-                for obj in batch.to_pylist():
-                    yield f"{path}:row {row}", obj
-                    row += 1
+        for g in range(process, f.num_row_groups, n_processes):
+            yield from _batch_rows(path, starts[g], f.iter_batches(
+                batch_size=ARROW_BATCH_ROWS, row_groups=[g]))
     except (OSError, pa.ArrowInvalid) as e:
         raise LarkError(f"cannot read as parquet ({str(e).splitlines()[0]})",
                         where=str(path)) from None
+
+
+def _batch_rows(path: Path, first: int, batches) -> Iterator[tuple[str, object]]:
+    """(where, row) of Arrow record batches whose first row is row ``first`` of the file."""
+    row = first
+    for batch in batches:
+        for obj in batch.to_pylist():
+            yield f"{path}:row {row}", obj
+            row += 1
 
 
 def _arrow_rows(path: Path) -> Iterator[tuple[str, object]]:
@@ -274,11 +279,7 @@ def _arrow_rows(path: Path) -> Iterator[tuple[str, object]]:
 
     try:
         with pa.memory_map(str(path)) as mm:
-            row = 0
-            for batch in pa.ipc.open_stream(mm):
-                for obj in batch.to_pylist():
-                    yield f"{path}:row {row}", obj
-                    row += 1
+            yield from _batch_rows(path, 0, pa.ipc.open_stream(mm))
     except (OSError, pa.ArrowInvalid) as e:
         raise LarkError(f"cannot read as an Arrow stream ({str(e).splitlines()[0]})",
                         where=str(path)) from None
