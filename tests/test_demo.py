@@ -346,6 +346,72 @@ def test_demo_out_dir_is_reusable(demo_run, tmp_path):
 
 # -- the notebook ---------------------------------------------------------------------------
 
+# A runtime without lark-jax, as on Colab: lark-jax looks uninstalled until %pip runs, which
+# only records its arguments; jax.devices() can be made to answer another platform.
+_COLAB_STUB = '''
+import importlib.metadata, importlib.util, json, os, types
+import jax
+from IPython.core.magic import register_line_magic
+
+HIDDEN, PIP, PLATFORM = True, [], None
+REAL = importlib.metadata.version, importlib.util.find_spec, jax.devices
+
+def fake_version(dist):
+    if HIDDEN and dist == "lark-jax":
+        raise importlib.metadata.PackageNotFoundError(dist)
+    return REAL[0](dist)
+
+def fake_find_spec(name, *a, **k):
+    return None if HIDDEN and name.split(".")[0] == "lark_jax" else REAL[1](name, *a, **k)
+
+@register_line_magic
+def pip(line):
+    global HIDDEN
+    PIP.append(line)
+    HIDDEN = False
+
+importlib.metadata.version, importlib.util.find_spec = fake_version, fake_find_spec
+jax.devices = lambda: [types.SimpleNamespace(platform=PLATFORM)] if PLATFORM else REAL[2]()
+'''
+
+
+def _cell_text(cell) -> str:
+    return "".join(o.get("text", "") + o.get("evalue", "") for o in cell.get("outputs", []))
+
+
+def _check_colab_branches(nbclient, nbformat, nb, tmp_path):
+    """The setup cell where lark-jax is missing (no URL: a clear stop, no pip; a URL: pip from
+    git; inside a clone: pip -e of it) and the preset cell's choice by platform."""
+    src = {c.id: c.source for c in nb.cells}
+    setup, preset = src["cell-01"], src["cell-05-preset"]
+    url = "https://example.invalid/lark-jax"
+    assert 'LARK_JAX_GIT_URL = ""' in setup
+    bare, clone = tmp_path / "colab" / "bare", tmp_path / "colab" / "clone"
+    (clone / "lark_jax").mkdir(parents=True)
+    (clone / "notebooks").mkdir()
+    (clone / "pyproject.toml").write_text("")
+    bare.mkdir()
+    show = "print(json.dumps(PIP))"
+    with_url = setup.replace('= ""', f'= "{url}"', 1)
+    runs = [(bare, setup), (bare, with_url), (clone / "notebooks", setup)]
+    cells = [_COLAB_STUB, "os.environ.pop('LARK_JAX_DEMO_TINY', None)"]
+    for cwd, code in runs:
+        cells += [f"os.chdir({str(cwd)!r}); HIDDEN, PIP = True, []", code, show]
+    cells += ["PLATFORM = None", preset, "PLATFORM = 'gpu'", preset]
+    stub = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nbclient.NotebookClient(stub, timeout=120, kernel_name="python3", allow_errors=True,
+                            resources={"metadata": {"path": str(bare)}}).execute()
+    out = [_cell_text(c) for c in stub.cells]
+    errors = [o for c in stub.cells for o in c.outputs if o.output_type == "error"]
+    # No URL, no clone: SystemExit naming the variable to set, nothing installed.
+    assert [e.ename for e in errors] == ["SystemExit"], out
+    assert "set LARK_JAX_GIT_URL" in errors[0].evalue
+    assert json.loads(out[4]) == []
+    assert json.loads(out[7]) == [f'install -q "lark-jax @ git+{url}"'], out[6]
+    assert f"installed from git+{url}" in out[6]
+    assert json.loads(out[10]) == [f'install -q -e "{clone}"'], out[9]
+    assert "preset: tiny (CPU runtime" in out[12] and "preset: quick (GPU runtime)" in out[14]
+
 
 @pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path, monkeypatch, demo_cache):
@@ -355,11 +421,16 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch, demo_cache):
     monkeypatch.setenv("LARK_JAX_DEMO_TINY", "1")
     monkeypatch.setenv("LARK_JAX_CACHE", str(demo_cache))
     nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    _check_colab_branches(nbclient, nbformat, nb, tmp_path)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
+    # Where lark-jax is installed (CI, this checkout) the setup cell installs nothing.
+    cells = {c.id: _cell_text(c) for c in nb.cells}
+    assert "installed already" in cells["cell-01"], cells["cell-01"]
+    assert "preset: tiny (LARK_JAX_DEMO_TINY=1 is set)" in cells["cell-05-preset"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
     # run_demo's returned report (displayed by the notebook) is the one it wrote.
     md = (tmp_path / "lark-jax-demo" / "results.md").read_text()
