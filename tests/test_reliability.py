@@ -63,6 +63,7 @@ def n_lines(path) -> int:
 # -- SIGKILL, then --resume ---------------------------------------------------------------
 
 
+@pytest.mark.slow  # a killed subprocess and its rerun: the slow tier
 def test_sigkill_during_score_then_resume_equals_uninterrupted(hf_students, tmp_path):
     d, _ = hf_students["qwen2_bias_tied"]
     pool = write_pool(tmp_path / "pool.jsonl", n_problems=30)
@@ -103,6 +104,7 @@ def test_sigkill_during_score_then_resume_equals_uninterrupted(hf_students, tmp_
                                        [b["L"], b["Brier"], b["g_hat"]], rtol=1e-5)
 
 
+@pytest.mark.slow  # a killed subprocess and its rerun: the slow tier
 def test_sigkill_during_train_then_resume_continues_from_checkpoint(hf_students, tmp_path):
     d, _ = hf_students["llama_tied_gqa"]
     sel = write_selection(tmp_path / "train.jsonl", write_pool(tmp_path / "pool.jsonl", 8),
