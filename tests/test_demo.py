@@ -227,6 +227,7 @@ def demo_run(tmp_path_factory, demo_cache):
     return out, demo_cache
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_demo_end_to_end_outputs(demo_run):
     out, _ = demo_run
     cfg = demo_config(tiny=True)
@@ -305,6 +306,7 @@ def test_demo_end_to_end_outputs(demo_run):
     assert "Spearman" in md and "ACC@2" in md and "lark - random" in md and "95 % CI" in md
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_demo_student_is_cached_hf_directory(demo_run):
     from lark_jax.demo.student import build_student
     from lark_jax.models import load_student
@@ -330,6 +332,7 @@ def test_demo_student_is_cached_hf_directory(demo_run):
     assert tok("{305}") == ["{"] + tok("305") + ["}"]
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_demo_out_dir_is_reusable(demo_run, tmp_path):
     from lark_jax.demo.pipeline import MARKER, _prepare_out
 

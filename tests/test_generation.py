@@ -95,6 +95,7 @@ def _stop_at_multiple_of_7(toks):
     return next((j + 1 for j, t in enumerate(toks) if t % 7 == 0), None)
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_generations_do_not_depend_on_batch_size_slot_order_or_devices(sampled):
     d, ids, opts = sampled
     one = lark_jax.load_student(d, mesh=make_mesh(devices=jax.devices()[:1]))

@@ -140,6 +140,7 @@ def test_sigkill_during_train_then_resume_continues_from_checkpoint(hf_students,
                                atol=1e-6)
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_resume_cuts_a_torn_metrics_line(hf_students, tmp_path):
     """A crash mid-write leaves half a metrics line; resume drops it and continues."""
     d, _ = hf_students["llama_tied_gqa"]
@@ -301,6 +302,7 @@ def test_kernel_is_exact_on_huge_bfloat16_logits():
     assert (p_true[4:8] > 0).all()  # those targets are inside the top K
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_bf16_student_with_massive_activations_scores_and_trains_finitely(hf_students, tmp_path):
     d, _ = hf_students["llama3_rope_untied_bias"]
     s = lark_jax.load_student(d, mesh=one_device())

@@ -178,6 +178,7 @@ def test_scores_match_transformers_oracle(hf_students, case, tmp_path):
                                    atol=1e-7)
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_one_device_equals_eight(hf_students, tmp_path):
     d, _ = hf_students["qwen3_qknorm_headdim"]
     pool = write_pool(tmp_path / "pool.jsonl", n_problems=6)
@@ -195,6 +196,7 @@ def test_one_device_equals_eight(hf_students, tmp_path):
                                        [b["L"], b["Brier"], b["g_hat"]], rtol=1e-5)
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_flash_attention_scores_equal_default_on_one_and_eight_devices(hf_students, tmp_path,
                                                                        monkeypatch):
     """The fused kernel runs per device under shard_map: rows over "data", heads over
@@ -252,6 +254,7 @@ def test_prefetch_thread_stops_when_the_consumer_stops():
     assert len(produced) < 10  # it ran only a few items ahead
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_prefetched_scoring_equals_inline_scoring(hf_students, tmp_path):
     """The host thread and the batch in flight change when work happens, not what is
     computed: several windows, skipped records and batches give identical files."""
@@ -387,6 +390,7 @@ def test_blockwise_memory_path_on_long_trajectory(hf_students, tmp_path):
                                rtol=1e-4)
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_gradient_estimator_matches_torch_autograd(hf_students, tmp_path):
     d, ref = hf_students["qwen2_bias_tied"]
     pool = write_pool(tmp_path / "pool.jsonl", n_problems=2)

@@ -64,6 +64,7 @@ def _torch_objective(ref, examples, objective):
     return loss.item(), gnorm.item()
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 @pytest.mark.parametrize("objective", ["record", "reference", "token"])
 def test_objective_equals_float64_transformers(hf_students, tmp_path, objective):
     """Step-1 loss and gradient norm of each objective against float64 transformers:
@@ -103,6 +104,7 @@ def test_objective_equals_float64_transformers(hf_students, tmp_path, objective)
     assert all(abs(v - want_loss) > 1e-3 for v in others.values())
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_reference_objective_counts_zero_weight_records(hf_students, tmp_path):
     """A zero-weight record keeps its slot: same loss as its positive twins divided by N."""
     d, _ = hf_students["llama_tied_gqa"]
@@ -148,6 +150,7 @@ def test_loss_falls_and_outputs_written(hf_students, selection, tmp_path):
         assert (tmp_path / "run" / f).exists()
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_resume_equals_uninterrupted(hf_students, selection, tmp_path):
     d, _ = hf_students["qwen3_qknorm_headdim"]
     cfg = TrainConfig(epochs=2, lr=2e-3, batch_size=4, save_every=3, seed=3)
@@ -203,6 +206,7 @@ def test_export_parity_with_transformers(hf_students, selection, tmp_path):
     assert np.abs(np.asarray(orig.model(jnp.asarray(ids, jnp.int32))) - t).max() > 1e-3
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_one_device_equals_eight_with_fsdp(hf_students, selection):
     d, _ = hf_students["llama_tied_gqa"]
     losses = {}
@@ -221,6 +225,7 @@ def test_one_device_equals_eight_with_fsdp(hf_students, selection):
     np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_flash_attention_training_on_eight_devices_equals_default_on_one(hf_students,
                                                                          selection, monkeypatch):
     """Training through the fused kernel's own backward pass (interpret mode on CPU),
@@ -359,6 +364,7 @@ def test_chat_span_is_assistant_only(hf_students):
     assert tok.decode(t.ids[t.start:t.end].tolist()) == "world<|im_end|>\n"
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_lora_trains_factors_only_and_merges_at_export(hf_students, selection, tmp_path):
     import transformers
 
@@ -489,6 +495,7 @@ def test_run_steps_fetches_losses_one_step_late_and_syncs_before_checkpoints():
         assert got == [(k, 1.5 * k, 2.0 * k, 10) for k in range(4)]
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_runs_trained_together_equal_separate_train_runs(hf_students, tmp_path):
     """vmap over stacked parameters (one compiled step for every run) against ``train`` run
     by run: three runs differing in seed, objective and data, the same per-step losses and
@@ -532,6 +539,7 @@ def test_runs_trained_together_equal_separate_train_runs(hf_students, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
 def test_identical_runs_are_trained_once_and_equal_a_separate_run(hf_students, tmp_path):
     """Equal weights make the record and reference objectives compute the same steps (LARK at
     budget 1): such runs are trained once, and the shared result equals the reference run
