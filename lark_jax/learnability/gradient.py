@@ -5,6 +5,12 @@ trajectory's exponential loss-decay rate is
 
     ρ_k^grad = ‖∇_θ L_k‖² / L_k,   L_k = Σ_t w_t CE_t / Σ_t w_t   (mean assistant-token CE).
 
+That is the rate of the *mean* loss (``rate_mean`` in the scores; the SFT objectives
+``record`` and ``reference`` train on mean losses). The rate of the *summed* loss
+S_k = T_k·L_k, ‖∇_θ S_k‖²/S_k = T_k·ρ_k^grad (``rate_sum``; the ``token`` objective), is
+what the proxy Brier/L stands for: under an identity kernel in logit space
+‖∇_z S‖² = T·Brier, so Brier/L ≈ ‖∇_θ S‖²/S (docs/method.md, step 1).
+
 ``grad_sq_norms`` computes ‖∇_θ L_k‖² over all parameters for each row of a
 batch holding one trajectory per row, one row at a time (``lax.map``), so only
 one gradient exists at once. It costs about three forward passes per

@@ -45,9 +45,15 @@ def trajectory_stats(row: dict, brier: str = "topk", estimator: str = "proxy") -
     if "source_id" in row:  # the pool's own problem id (a uuid, ...)
         out["source_id"] = row["source_id"]
     if estimator == "gradient":
+        # The exact rates of both losses: rate_mean = ‖∇θL‖²/L (the mean loss: the record
+        # and reference objectives) and rate_sum = T·‖∇θL‖²/L = ‖∇θΣCE‖²/ΣCE (the summed
+        # loss: the token objective, and what the proxy Brier/L stands for).
+        rate_mean = row["grad_sq"] / loss if loss > EPS else 0.0
         out["grad_sq"] = row["grad_sq"]
         out["rho_proxy"] = rho_proxy
-        out["rho"] = row["grad_sq"] / loss if loss > EPS else 0.0
+        out["rho"] = rate_mean
+        out["rate_mean"] = rate_mean
+        out["rate_sum"] = t * rate_mean
     return out
 
 
