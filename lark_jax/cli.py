@@ -237,7 +237,9 @@ def _score_pool_options(args):
 
 
 def _add_train(p):
-    p.add_argument("--data", required=True, help="selection JSONL (meta.train_weight honoured)")
+    p.add_argument("--data", required=True,
+                   help="selection: JSONL (meta.train_weight honoured) or parquet (its "
+                        "train_weight column)")
     p.add_argument("--student", required=True,
                    help="HF-style student directory, or a Hub id ORG/NAME[@REV]")
     p.add_argument("--out", required=True, help="run directory")

@@ -349,3 +349,38 @@ def test_student_named_by_hub_id_scores_as_its_directory(hf_students, tmp_path, 
                        capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "not in the local Hugging Face cache" in r.stderr
+
+
+def test_parquet_selection_trains_as_its_jsonl(hf_students, tmp_path):
+    """select writes parquet by the output's suffix (messages + provenance columns), and
+    train on it computes exactly what it computes on the JSONL selection."""
+    from lark_jax.training.trainer import TrainConfig, train
+
+    d, _ = hf_students["llama_tied_gqa"]
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=4)
+    scores = tmp_path / "scores.json"
+    score_pool(lark_jax.load_student(d, mesh=one_device()), pool, scores,
+               ScoreConfig(row_length=256, batch_tokens=1024))
+    outs = {}
+    for suffix in ("jsonl", "parquet"):
+        out = tmp_path / f"train.{suffix}"
+        r = subprocess.run([sys.executable, "-m", "lark_jax", "select", "-q", "--scores",
+                            str(scores), "--pool", str(pool), "--out", str(out),
+                            "--budget", "2"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        outs[suffix] = out
+    jsonl = [json.loads(x) for x in open(outs["jsonl"])]
+    table = pq.read_table(outs["parquet"]).to_pylist()
+    assert len(table) == len(jsonl) == 8
+    for row, rec in zip(table, jsonl, strict=True):
+        assert row["messages"] == rec["messages"]
+        for k in ("problem_id", "candidate_id", "teacher", "train_weight", "score"):
+            assert row[k] == rec["meta"][k], k
+    cfg = TrainConfig(max_steps=2, epochs=1, batch_size=4, lr=1e-3, micro_batch_tokens=1024,
+                      max_length=512)
+    losses = {}
+    for suffix, data in outs.items():
+        train(d, data, tmp_path / f"run-{suffix}", cfg, mesh=one_device())
+        losses[suffix] = [json.loads(x)["loss"] for x in open(tmp_path / f"run-{suffix}" /
+                                                            "metrics.jsonl")]
+    assert losses["parquet"] == losses["jsonl"] and len(losses["jsonl"]) == 2

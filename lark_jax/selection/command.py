@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "read with the same --columns/--layout/--split)")
     add_pool_arguments(p, filters=False)
     p.add_argument("--out", required=True,
-                   help="training JSONL to write (a manifest goes to OUT.manifest.json)")
+                   help="training data to write: JSONL, or parquet when OUT ends in .parquet "
+                        "(a manifest goes to OUT.manifest.json)")
     p.add_argument("--policy", default="lark", choices=POLICIES,
                    help="lark (chi-square policy on g_hat) or a baseline (default: lark)")
     p.add_argument("--budget", type=int, default=1,

@@ -283,15 +283,41 @@ def manifest_path(out: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(out)}.manifest.json")
 
 
+# The columns of a parquet selection beside ``messages``: each record's meta fields.
+SELECTION_COLUMNS = ("problem_id", "candidate_id", "teacher", "policy", "budget", "score",
+                     "train_weight", "source_id")
+
+
+def selection_table(records: Iterable[dict]):
+    """The records as an Arrow table: ``messages`` and one column per SELECTION_COLUMNS
+    field (null where a record has none; a column no record has is left out)."""
+    import pyarrow as pa
+
+    recs = list(records)
+    cols = {"messages": [r["messages"] for r in recs]}
+    for k in SELECTION_COLUMNS:
+        values = [r.get("meta", {}).get(k) for r in recs]
+        if any(v is not None for v in values):
+            cols[k] = values
+    return pa.table(cols)
+
+
 def write_selection(out: str | os.PathLike, records: Iterable[dict], manifest: dict) -> Path:
-    """Write the JSONL records and then the manifest, each atomically; returns the manifest."""
+    """Write the records (JSONL, or parquet when ``out`` ends in .parquet) and then the
+    manifest, each atomically; returns the manifest."""
     out, mpath = fsio.refuse_link(out), fsio.refuse_link(manifest_path(out))
     if out.is_dir():
         raise LarkError("output path is a directory", where=str(out))
     try:
-        with fsio.atomic_file(out) as f:
-            f.writelines(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n"
-                         for r in records)
+        if out.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            with fsio.atomic_file(out, binary=True) as f:
+                pq.write_table(selection_table(records), f)
+        else:
+            with fsio.atomic_file(out) as f:
+                f.writelines(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n"
+                             for r in records)
         fsio.atomic_write(mpath, json.dumps(_strict(manifest), indent=1, allow_nan=False) + "\n")
     except OSError as e:
         raise LarkError(f"cannot write output ({e})", where=str(out)) from None

@@ -36,10 +36,28 @@ class Example:
 SYSTEM_TURNS = ("keep", "empty")
 
 
+def selection_rows(path: str | Path):
+    """(where, line or row number, {"messages", "meta": {"train_weight"}}) of a selection:
+    JSONL, or parquet (``select --out X.parquet``: a ``messages`` column and the meta
+    fields as columns)."""
+    if Path(path).suffix.lower() != ".parquet":
+        yield from iter_jsonl(path, "training data")
+        return
+    from lark_jax.data.sources import iter_rows, resolve
+
+    if not Path(path).is_file():
+        raise LarkError("training data not found", where=str(path))
+    for i, (where, row) in enumerate(iter_rows(resolve(path)), start=1):
+        w = row.get("train_weight")
+        yield where, i, {"messages": row.get("messages"),
+                         "meta": {} if w is None else {"train_weight": w}}
+
+
 def read_selection(path: str | Path, tokenizer, max_length: int,
                    objective: str = "record", system_turn: str = "keep"
                    ) -> tuple[list[Example], int]:
-    """Validate and tokenize a selection file; returns (examples, n_skipped_empty_span).
+    """Validate and tokenize a selection file (JSONL or parquet, ``selection_rows``);
+    returns (examples, n_skipped_empty_span).
 
     Records with train_weight 0 contribute nothing to any objective; they are
     dropped, except under ``objective="reference"``, where they keep their slot
@@ -54,7 +72,7 @@ def read_selection(path: str | Path, tokenizer, max_length: int,
         raise LarkError(f"unknown system turn rule {system_turn!r} (choose from "
                         f"{', '.join(SYSTEM_TURNS)})")
     examples, skipped, n_positive, n_zero = [], 0, 0, 0
-    for where, lineno, obj in iter_jsonl(path, "training data"):
+    for where, lineno, obj in selection_rows(path):
         msgs = obj.get("messages") if isinstance(obj, dict) else None
         if not isinstance(msgs, list) or not msgs:
             raise LarkError("missing or empty 'messages' list", where=where)
