@@ -98,6 +98,16 @@ def write_pool(path, n_problems: int = 6, seed: int = 0, teachers=("terse", "ver
     return path
 
 
+def chat_ids(tok, msgs):
+    """(ids of the whole chat, ids of its prompt up to the last assistant turn), through
+    the tokenizer's own chat template: the oracle's view of the assistant span."""
+    full = tok(tok.apply_chat_template(msgs, tokenize=False),
+               add_special_tokens=False)["input_ids"]
+    prompt = tok(tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    return full, prompt
+
+
 def one_device():
     """A 1-device mesh (the session has 8 simulated CPU devices)."""
     from lark_jax.parallel import make_mesh

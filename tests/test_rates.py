@@ -8,7 +8,7 @@ import json
 import jax
 import pytest
 import torch
-from conftest import write_pool
+from conftest import chat_ids, write_pool
 
 import lark_jax
 from lark_jax.learnability.runner import ScoreConfig, score_pool
@@ -28,11 +28,7 @@ def test_rate_mean_and_rate_sum_match_float64_transformers(hf_students, tmp_path
     for line in open(pool, encoding="utf-8"):
         rec = json.loads(line)
         msgs = rec["messages"]
-        full = tok(tok.apply_chat_template(msgs, tokenize=False),
-                   add_special_tokens=False)["input_ids"]
-        prompt = tok(tok.apply_chat_template(msgs[:-1], tokenize=False,
-                                             add_generation_prompt=True),
-                     add_special_tokens=False)["input_ids"]
+        full, prompt = chat_ids(tok, msgs)
         js = torch.arange(len(prompt), len(full))
         rates = {}
         for name, reduction in (("rate_mean", "mean"), ("rate_sum", "sum")):

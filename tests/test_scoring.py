@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import spy_flash, write_pool
+from conftest import chat_ids, spy_flash, write_pool
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -403,11 +403,7 @@ def test_gradient_estimator_matches_torch_autograd(hf_students, tmp_path):
     for line in open(pool, encoding="utf-8"):
         rec = json.loads(line)
         msgs = rec["messages"]
-        full = tok(tok.apply_chat_template(msgs, tokenize=False),
-                   add_special_tokens=False)["input_ids"]
-        prompt = tok(tok.apply_chat_template(msgs[:-1], tokenize=False,
-                                             add_generation_prompt=True),
-                     add_special_tokens=False)["input_ids"]
+        full, prompt = chat_ids(tok, msgs)
         ref.zero_grad()
         logits = ref(torch.tensor([full])).logits[0]
         js = torch.arange(len(prompt), len(full))
