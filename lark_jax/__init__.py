@@ -1,5 +1,6 @@
 """lark-jax: LARK learnability-grounded trajectory selection in JAX / Flax NNX."""
 
+from lark_jax._version import __version__
 from lark_jax.errors import LarkError
 from lark_jax.evaluation.completions import generate
 from lark_jax.models import (
@@ -10,8 +11,6 @@ from lark_jax.models import (
     load_student,
     save_student,
 )
-
-__version__ = "0.1.0"
 
 __all__ = ["Decoder", "LarkError", "ModelConfig", "Student", "generate", "generate_ids",
            "load_student", "save_student", "__version__"]

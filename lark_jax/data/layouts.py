@@ -123,13 +123,12 @@ class Numbering:
         return self.ids.setdefault(value, len(self.ids)), value
 
 
-def _field(row: dict, col: str | None, where: str, required: bool = True):
+def _field(row: dict, col: str | None, where: str):
+    """The row's value in ``col`` (None when the layout has no such column)."""
     if col is None:
         return None
     if col not in row:
-        if required:
-            raise LarkError(f"missing column {col!r}", where=where)
-        return None
+        raise LarkError(f"missing column {col!r}", where=where)
     return row[col]
 
 

@@ -12,8 +12,13 @@ import dataclasses
 import itertools
 from collections.abc import Iterator
 
-from lark_jax.data.filters import FINISH_COLUMNS, Decontaminator, FilterCounts, flag
-from lark_jax.data.filters import has_closed_boxed as _boxed
+from lark_jax.data.filters import (
+    FINISH_COLUMNS,
+    Decontaminator,
+    FilterCounts,
+    flag,
+    has_closed_boxed,
+)
 from lark_jax.data.layouts import (
     LAYOUTS,
     Layout,
@@ -26,9 +31,9 @@ from lark_jax.data.layouts import (
 from lark_jax.data.pool import Record
 from lark_jax.data.sources import (
     Source,
+    arrow_columns,
     arrow_lengths,
     check_schemas,
-    columns_of,
     iter_rows,
     resolve,
 )
@@ -71,7 +76,7 @@ def open_pool(source, options: PoolOptions) -> tuple[Source, Layout, Iterator, b
         raise LarkError("pool is empty (no records)", where=src.files[0] if len(
             src.files) == 1 else src.spec)
     rows = itertools.chain([first], rows)
-    found = columns_of(src) if src.kind in ("parquet", "arrow") else (
+    found = arrow_columns(src) if src.kind in ("parquet", "arrow") else (
         list(first[1]) if isinstance(first[1], dict) else list(REFERENCE_KEYS))
     strict = (src.kind in ("jsonl", "json") and not options.columns
               and options.layout != "problem"
@@ -113,11 +118,7 @@ def _keep(rec: Record, row: dict, k: int | None, layout: Layout, options: PoolOp
     for col in options.require:
         if col not in row:
             raise LarkError(f"missing column {col!r} (--require)", where=rec.where)
-        value = row[col]
-        if k is not None and isinstance(value, list):
-            gens = layout.column("generations")
-            value = check_parallel(row, col, len(row[gens]), gens, rec.where)[k]
-        if not flag(value, rec.where, col):
+        if not flag(_value(rec, row, col, k, layout), rec.where, col):
             counts.required[col] = counts.required.get(col, 0) + 1
             return False
     if options.complete and not _complete(rec, row, k, layout):
@@ -135,17 +136,23 @@ def _keep(rec: Record, row: dict, k: int | None, layout: Layout, options: PoolOp
     return True
 
 
+def _value(rec: Record, row: dict, col: str, k: int | None, layout: Layout):
+    """The trajectory's value in ``col``: the row's, or for generation ``k`` of a problem
+    row, item k of a list parallel to the generations (checked to be parallel)."""
+    value = row[col]
+    if k is not None and isinstance(value, list):
+        gens = layout.column("generations")
+        value = check_parallel(row, col, len(row[gens]), gens, rec.where)[k]
+    return value
+
+
 def _complete(rec: Record, row: dict, k: int | None, layout: Layout) -> bool:
     """Finish reason "stop" where the pool records one, else a closed \\boxed{} at the end."""
     for col in FINISH_COLUMNS:
         if col in row and row[col] is not None:
-            value = row[col]
-            if k is not None and isinstance(value, list):
-                gens = layout.column("generations")
-                value = check_parallel(row, col, len(row[gens]), gens, rec.where)[k]
-            return value == "stop"
+            return _value(rec, row, col, k, layout) == "stop"
     last = next((m["content"] for m in reversed(rec.messages) if m["role"] == "assistant"), "")
-    return _boxed(last)
+    return has_closed_boxed(last)
 
 
 def add_pool_arguments(p, *, filters: bool) -> None:

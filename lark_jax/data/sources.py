@@ -142,13 +142,9 @@ def _split_files(files: list[Path], base: Path, split: str) -> list[Path]:
 # -- rows ------------------------------------------------------------------------------
 
 
-def columns_of(source: Source) -> list[str]:
-    """The column names of the source: the Arrow schema, or the first JSON object's keys."""
-    if source.kind in ("parquet", "arrow"):
-        return list(_schema(source.files[0], source.kind).names)
-    for _where, obj in iter_rows(source):
-        return list(obj) if isinstance(obj, dict) else []
-    return []
+def arrow_columns(source: Source) -> list[str]:
+    """The column names of a parquet or Arrow source (its first file's schema)."""
+    return list(_schema(source.files[0], source.kind).names)
 
 
 def _schema(path: Path, kind: str):
@@ -285,5 +281,5 @@ def _arrow_rows(path: Path) -> Iterator[tuple[str, object]]:
                         where=str(path)) from None
 
 
-__all__ = ["HUB_PREFIX", "Source", "arrow_lengths", "check_schemas", "columns_of",
+__all__ = ["HUB_PREFIX", "Source", "arrow_lengths", "arrow_columns", "check_schemas",
            "iter_rows", "resolve", "split_by_row_group"]

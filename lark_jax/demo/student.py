@@ -173,8 +173,8 @@ def build_student(recipe: StudentRecipe, pretrain_records: list[dict], corpus_re
         raise LarkError("the pre-training corpus is empty")
     t0 = time.perf_counter()
     key = recipe_key(recipe, corpus_recipe)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     target = student_path(recipe, corpus_recipe, cache_dir)
+    root = target.parent
     if not rebuild and is_built(target):
         return _describe(target, True, time.perf_counter() - t0)
     try:

@@ -78,7 +78,7 @@ def _pad_rows(mb: dict | None, rows: int, length: int) -> dict:
     """A micro-batch (None: no rows) padded to [rows, length]: padding tokens have segment
     -1, weight 0."""
     out = {}
-    for k, dtype in _EMPTY.items():
+    for k, dtype in _BATCH_DTYPES.items():
         a = np.full((rows, length), -1 if k == "segments" else 0, dtype)
         if mb is not None:
             v = mb[k]
@@ -193,8 +193,8 @@ def _loss_sums(graphdef, chunk_tokens: int, params, batch: dict):
     return weighted_ce_sums(nnx.merge(graphdef, params), chunk_tokens=chunk_tokens, **batch)
 
 
-_EMPTY = {"ids": np.int32, "positions": np.int32, "segments": np.int32, "targets": np.int32,
-          "weights": np.float32}
+_BATCH_DTYPES = {"ids": np.int32, "positions": np.int32, "segments": np.int32,
+                 "targets": np.int32, "weights": np.float32}
 
 
 class _OneByOne:
@@ -232,7 +232,7 @@ class _Stacked:
     def __call__(self, mbs, denoms, row_len: int):
         rows = max(mb["ids"].shape[0] if mb is not None else 1 for mb in mbs)
         padded = [_pad_rows(mb, rows, row_len) for mb in mbs]
-        batch = {k: np.stack([b[k] for b in padded]) for k in _EMPTY}
+        batch = {k: np.stack([b[k] for b in padded]) for k in _BATCH_DTYPES}
         self.params, self.opt, loss, gnorm = self.step(self.params, self.opt, batch, denoms)
         return loss, gnorm
 
