@@ -42,7 +42,16 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from lark_jax.selection.baselines import POLICIES, Selection, baseline, needed_fields
+from lark_jax.selection.baselines import (
+    POLICIES,
+    Selection,
+    baseline,
+    best_teacher,
+    needed_fields,
+    random_matched,
+    tie_keys,
+    verified,
+)
 from lark_jax.selection.closed_form import (
     STATUS_ALL_NAN,
     STATUS_EMPTY,
@@ -60,9 +69,9 @@ from lark_jax.selection.mirror_descent import default_tol, mirror_descent, solve
 SOLVERS = ("closed-form", "mirror-descent", "exact")
 
 __all__ = [
-    "POLICIES", "SOLVERS", "ScoreTable", "Selection", "baseline", "closed_form",
-    "global_closed_form", "load_scores", "mirror_descent", "needed_fields",
-    "reference_closed_form", "select", "solve_exact",
+    "POLICIES", "SOLVERS", "ScoreTable", "Selection", "baseline", "best_teacher",
+    "closed_form", "global_closed_form", "load_scores", "mirror_descent", "needed_fields",
+    "random_matched", "reference_closed_form", "select", "solve_exact", "verified",
 ]
 
 
@@ -101,7 +110,8 @@ def select(table: ScoreTable, policy: str = "lark", budget: int = 1, *,
            solver: str = "closed-form", tau: float | None = None,
            global_budget: int | None = None, seed: int = 0, tol: float | None = None,
            max_iters: int = 200) -> Selection:
-    """Run ``policy`` over ``table`` (see the module docstring for the LARK modes)."""
+    """Run ``policy`` over ``table`` (see the module docstring for the LARK modes; the
+    baselines and controls, ``random-matched`` included, are :func:`baseline`'s)."""
     if budget < 1:
         raise ValueError("budget must be >= 1")
     if policy != "lark":
@@ -123,13 +133,8 @@ def select(table: ScoreTable, policy: str = "lark", budget: int = 1, *,
         return _global(table, e, mask, global_budget, solver, tau, tol, max_iters)
 
 
-def _tie_keys(table) -> np.ndarray:
-    """Equal ĝ: the candidate earlier in the pool file first (ScoreTable.order)."""
-    return table.candidate_ids if table.order is None else table.order
-
-
 def _per_problem(table, e, mask, budget, solver, tau, tol, max_iters) -> Selection:
-    cf = closed_form(e, budget, mask, keys=_tie_keys(table))
+    cf = closed_form(e, budget, mask, keys=tie_keys(table))
     status = np.asarray(cf.status)
     info = {"status": _status_counts(status)}
     weights, chosen = np.asarray(cf.weights), np.asarray(cf.selected)

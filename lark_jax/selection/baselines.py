@@ -14,17 +14,31 @@ with uniform weights ``1/B'``:
 
 Ties go to the lower candidate id; a NaN statistic ranks last. ``meta.score`` is the
 statistic ranked on; for random and all it is ĝ when the scores carry it.
+
+Three controls ask what LARK adds beyond the obvious (each a function below, with its
+definition in its docstring):
+
+    random-matched  random trajectories with LARK's per-problem counts and exactly LARK's
+                    count in every (teacher, length bin) stratum (:func:`random_matched`)
+    best-teacher    every trajectory of the teacher with the highest mean ĝ
+                    (:func:`best_teacher`; the budget is not used)
+    verified        random among the trajectories marked correct (the ``correct`` field:
+                    1 correct, 0 wrong, NaN unknown), B' = min(B, correct ones) per problem
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
+from lark_jax.selection.closed_form import closed_form
 from lark_jax.selection.io import ScoreTable
 
-POLICIES = ("lark", "random", "all", "min-loss", "max-loss", "rsr", "shortest", "longest")
+POLICIES = ("lark", "random", "all", "min-loss", "max-loss", "rsr", "shortest", "longest",
+            "random-matched", "best-teacher", "verified")
+LENGTH_BINS = 4  # random-matched: length bins per teacher (its quartiles of "tokens")
 
 # policy -> (scores field, True if lower is better)
 RANKED = {
@@ -44,6 +58,10 @@ def needed_fields(policy: str) -> tuple[str, ...]:
         return (RANKED[policy][0],)
     if policy in ("random", "all"):
         return ()
+    if policy in ("random-matched", "best-teacher"):
+        return ("g_hat",)
+    if policy == "verified":
+        return ("correct",)
     raise ValueError(f"unknown policy {policy!r}")
 
 
@@ -118,9 +136,266 @@ def baseline(table: ScoreTable, policy: str, budget: int, seed: int = 0) -> Sele
         field, lower = RANKED[policy]
         score = table.fields[field]
         chosen = top_by(score, mask, table.candidate_ids, np.minimum(budget, k_n), lower)
+    elif policy in CONTROLS:
+        for field in needed_fields(policy):
+            if field not in table.fields:
+                raise ValueError(f"policy {policy!r} needs the scores field {field!r}"
+                                 + (" (1 correct, 0 wrong, NaN unknown per candidate)"
+                                    if field == "correct" else ""))
+        chosen, info = CONTROLS[policy](table, budget, seed)
+        return _uniform(table, chosen, lark_score, policy, budget, info)
     else:
         raise ValueError(f"not a baseline policy: {policy!r}")
+    return _uniform(table, chosen, score, policy, budget,
+                    {"seed": seed} if policy == "random" else {})
+
+
+def _uniform(table, chosen, score, policy, budget, info) -> Selection:
+    """Weights 1/|chosen| within each problem (rows with nothing chosen stay 0)."""
     n_chosen = chosen.sum(-1, keepdims=True)
     weights = np.where(chosen, 1.0 / np.maximum(n_chosen, 1), 0.0)
-    return Selection(weights, chosen, np.where(mask, score, np.nan), policy, budget,
-                     info={"seed": seed} if policy == "random" else {})
+    return Selection(weights, chosen, np.where(table.mask, score, np.nan), policy, budget,
+                     info=info)
+
+
+# -- controls ---------------------------------------------------------------------------------
+
+
+def tie_keys(table: ScoreTable) -> np.ndarray:
+    """LARK's tie order for equal ĝ: the candidate earlier in the pool file first
+    (``ScoreTable.order``), else the lower candidate id."""
+    return table.candidate_ids if table.order is None else table.order
+
+
+def lark_chosen(table: ScoreTable, budget: int) -> np.ndarray:
+    """[N, K] the records LARK's per-problem closed form writes at ``budget`` (what
+    ``select(table, "lark", budget)`` chooses)."""
+    e = np.asarray(table.fields["g_hat"], np.float64)
+    with jax.enable_x64(True):
+        cf = closed_form(e, budget, table.mask, keys=tie_keys(table))
+        return np.asarray(cf.selected) & table.mask
+
+
+def teacher_grid(table: ScoreTable) -> np.ndarray:
+    """[N, K] each candidate's teacher name ("" on padding)."""
+    k = table.mask.shape[1]
+    return np.array([list(row) + [""] * (k - len(row)) for row in table.teachers], dtype=object)
+
+
+def length_strata(table: ScoreTable, bins: int = LENGTH_BINS) -> tuple[np.ndarray, list]:
+    """Stratum of every candidate, ``([N, K] int, -1 on padding; [(teacher, bin)] names)``.
+
+    A stratum is a teacher and a length bin of that teacher: with the ``tokens`` field, the
+    bin of a candidate of teacher t is the number of t's interior quantile edges
+    ``Q_t(j / bins)``, j = 1..bins−1, over all of t's candidates in the table, that are
+    <= its length (so equal lengths share a bin; NaN lengths get a bin of their own, -1).
+    Without ``tokens`` (or with ``bins`` = 1) a stratum is a teacher. Depends on the set of
+    candidates only, not on their order.
+    """
+    teach = teacher_grid(table)
+    mask = table.mask
+    tokens = table.fields.get("tokens")
+    strata = np.full(mask.shape, -1, np.int64)
+    names: list = []
+    for t in sorted(set(teach[mask].tolist())):
+        of_t = mask & (teach == t)
+        if tokens is None or bins <= 1:
+            bin_of = np.zeros(mask.shape, np.int64)
+        else:
+            n_t = tokens[of_t]
+            finite = n_t[np.isfinite(n_t)]
+            edges = (np.quantile(finite, np.arange(1, bins) / bins) if finite.size
+                     else np.zeros(0))
+            bin_of = np.where(np.isfinite(tokens),
+                              np.searchsorted(edges, np.nan_to_num(tokens), side="right"), -1)
+        for b in sorted(set(bin_of[of_t].tolist())):
+            strata[of_t & (bin_of == b)] = len(names)
+            names.append((t, int(b)))
+    return strata, names
+
+
+def random_matched(table: ScoreTable, budget: int, seed: int = 0,
+                   bins: int = LENGTH_BINS, lark: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, dict]:
+    """Random trajectories with LARK's composition: ``(chosen [N, K], info)``.
+
+    Let A be LARK's selection at ``budget`` (``lark``, default :func:`lark_chosen`), b_n its
+    record count in problem n (min(B, K'_n), K'_n the candidates with a finite ĝ; every
+    candidate where none has one), and c_s its count in stratum s (:func:`length_strata`:
+    teacher × length bin). The control chooses a set R with
+
+        |R ∩ problem n| = b_n  for every n,     |R ∩ stratum s| = c_s  for every s,
+
+    so it has exactly LARK's records per problem and per teacher, and its length
+    distribution equals LARK's at the resolution of each teacher's length quartiles (the
+    exact multiset of bins; within a bin lengths are random). Such an R always exists (A
+    is one), so the counts are met exactly; ``info["shortfall"]`` would count the records
+    missing if the repair below ever failed, and is 0.
+
+    Which R: every candidate has a uniform key u = splitmix(seed, problem_id, candidate_id)
+    (:func:`random_keys`) and every problem one from the same hash; problems are visited in
+    key order, and each takes, in key order, its candidates whose stratum still has quota,
+    up to b_n. Problems left short are then completed by augmenting paths (a short problem
+    takes a candidate of stratum s₁, a problem holding s₁ gives it up for s₂, ..., until a
+    stratum with quota left; breadth-first over strata, fewest exchanges first), each
+    exchange taking the lowest-key free candidate and giving up the highest-key chosen one.
+    So each problem's picks are uniform among its candidates in the strata it may still
+    use; the law over R is that of this randomised greedy, not uniform over all R. The
+    choice is a pure function of (seed, the scores' set of rows); LARK's own ties follow
+    its tie order (:func:`tie_keys`).
+
+    ``info``: per-teacher counts (equal to LARK's), the mean length of both selections where
+    the scores carry ``tokens``, ``same_as_lark`` (share of R also in A: where the quotas
+    leave no freedom the control coincides with LARK), the records the greedy left short and
+    the augmenting paths that completed them.
+    """
+    mask = table.mask
+    chosen_lark = lark_chosen(table, budget) if lark is None else np.asarray(lark, bool) & mask
+    strata, names = length_strata(table, bins)
+    n_strata = len(names)
+    quota = np.bincount(strata[chosen_lark], minlength=n_strata)
+    need = chosen_lark.sum(1)
+    pids = np.broadcast_to(table.problem_ids[:, None], mask.shape)
+    keys = np.where(mask, random_keys(seed, pids, table.candidate_ids), np.inf)
+    # A problem's visiting key: the same hash with candidate id 2^64 − 1, which no
+    # candidate has (ids are >= 0).
+    pkeys = random_keys(seed, table.problem_ids, np.full(table.n_problems, -1, np.int64))
+    cand_order = np.argsort(keys, axis=1, kind="stable")
+    left = quota.copy()
+    chosen = np.zeros(mask.shape, bool)
+    for i in np.argsort(pkeys, kind="stable").tolist():
+        got = 0
+        for j in cand_order[i].tolist():
+            if got == need[i] or not mask[i, j]:
+                break
+            s = strata[i, j]
+            if left[s] > 0:
+                chosen[i, j] = True
+                left[s] -= 1
+                got += 1
+    short_after_greedy = int((need - chosen.sum(1)).sum())
+    paths = 0
+    for i in np.flatnonzero(chosen.sum(1) < need).tolist():
+        while chosen[i].sum() < need[i] and _augment(i, chosen, strata, n_strata, keys, left):
+            paths += 1
+    shortfall = int((need - chosen.sum(1)).sum())
+    teach = teacher_grid(table)
+    info: dict = {
+        "seed": seed, "length_bins": bins if "tokens" in table.fields else 1,
+        "strata": n_strata,
+        "teacher_counts": _counts(teach[chosen]),
+        "lark_teacher_counts": _counts(teach[chosen_lark]),
+        "same_as_lark": float((chosen & chosen_lark).sum() / max(int(chosen.sum()), 1)),
+        "short_after_greedy": short_after_greedy, "augmenting_paths": paths,
+        "shortfall": shortfall,
+        "problems_below_budget": int((need < np.minimum(budget, mask.sum(1))).sum()),
+    }
+    if "tokens" in table.fields:
+        tok = table.fields["tokens"]
+        info["tokens_mean"] = {"lark": _mean(tok[chosen_lark]), "matched": _mean(tok[chosen])}
+    return chosen, info
+
+
+def _augment(i, chosen, strata, n_strata, keys, left) -> bool:
+    """One augmenting path from problem ``i`` (see :func:`random_matched`); False if none."""
+    real = strata >= 0
+    onehot = (strata[..., None] == np.arange(n_strata)) & real[..., None]  # [N, K, S]
+    holds = (onehot & chosen[..., None]).any(1)  # [N, S]: problem holds stratum s
+    free = (onehot & ~chosen[..., None]).any(1)  # [N, S]: has an unchosen candidate in s
+    parent: dict[int, tuple[int | None, int]] = {s: (None, i) for s in
+                                                 np.flatnonzero(free[i]).tolist()}
+    queue = list(parent)
+    end = None
+    while queue:
+        s = queue.pop(0)
+        if left[s] > 0:
+            end = s
+            break
+        users = np.flatnonzero(holds[:, s])
+        if users.size == 0:
+            continue
+        reach = free[users]  # [U, S]
+        for s2 in np.flatnonzero(reach.any(0)).tolist():
+            if s2 not in parent:
+                parent[s2] = (s, int(users[np.argmax(reach[:, s2])]))
+                queue.append(s2)
+    if end is None:
+        return False
+    left[end] -= 1
+    cur = end
+    while True:
+        prev, n = parent[cur]
+        take = np.flatnonzero(~chosen[n] & (strata[n] == cur))
+        chosen[n, take[np.argmin(keys[n, take])]] = True
+        if prev is None:
+            return True
+        give = np.flatnonzero(chosen[n] & (strata[n] == prev))
+        chosen[n, give[np.argmax(keys[n, give])]] = False
+        cur = prev
+
+
+def _counts(names) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in names.tolist():
+        out[t] = out.get(t, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _mean(x) -> float | None:
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else None
+
+
+def teacher_means(table: ScoreTable) -> dict[str, float]:
+    """Mean ĝ of each teacher over its candidates with a finite ĝ (NaN if none), by name."""
+    g = table.fields["g_hat"]
+    teach = teacher_grid(table)
+    out = {}
+    for t in sorted(set(teach[table.mask].tolist())):
+        v = g[table.mask & (teach == t)]
+        v = v[np.isfinite(v)]
+        out[t] = float(v.mean()) if v.size else float("nan")
+    return out
+
+
+def best_teacher(table: ScoreTable, budget: int, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Every candidate of the teacher t* = argmax_t mean ĝ_t (:func:`teacher_means`; ties:
+    the name first in sorting order): ``(chosen [N, K], info)``. The budget is not used;
+    a problem without a trajectory of t* gets none."""
+    means = teacher_means(table)
+    best = None
+    for t, m in means.items():  # sorted by name: a later equal mean does not replace it
+        if np.isfinite(m) and (best is None or m > means[best]):
+            best = t
+    if best is None:
+        raise ValueError("best-teacher: no teacher has a finite g_hat")
+    chosen = table.mask & (teacher_grid(table) == best)
+    return chosen, {"teacher": best, "teacher_mean_g_hat": means,
+                    "problems_without_selection": int((~chosen.any(1)).sum())}
+
+
+def verified(table: ScoreTable, budget: int, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Random among the correct candidates (``correct`` == 1): per problem the
+    min(B, C_n) with the lowest :func:`random_keys` key, C_n its correct candidates; wrong
+    (0) and unknown (NaN) ones are never chosen, and a problem without a correct one gets
+    none. ``(chosen [N, K], info)``."""
+    c = np.asarray(table.fields["correct"], np.float64)
+    mask = table.mask
+    bad = mask & np.isfinite(c) & (c != 0.0) & (c != 1.0)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ValueError(f"verified: 'correct' must be 1, 0 or NaN, got {float(c[i, j])!r} "
+                         f"(problem {int(table.problem_ids[i])}, candidate "
+                         f"{int(table.candidate_ids[i, j])})")
+    ok = mask & (c == 1.0)
+    pids = np.broadcast_to(table.problem_ids[:, None], mask.shape)
+    keys = random_keys(seed, pids, table.candidate_ids)
+    chosen = top_by(keys, ok, table.candidate_ids, np.minimum(budget, ok.sum(1)), True)
+    return chosen, {"seed": seed, "problems_without_selection": int((~chosen.any(1)).sum()),
+                    "incorrect": int((mask & (c == 0.0)).sum()),
+                    "unknown": int((mask & np.isnan(c)).sum())}
+
+
+CONTROLS = {"random-matched": random_matched, "best-teacher": best_teacher,
+            "verified": verified}
