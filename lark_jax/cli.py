@@ -26,6 +26,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     g.add_argument("-v", "--verbose", action="store_true", help="more progress output")
+    p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
+                   help="neither read nor write JAX's persistent compilation cache "
+                        "($LARK_JAX_CACHE/compile, default ~/.cache/lark-jax/compile; "
+                        "$JAX_COMPILATION_CACHE_DIR wins)")
 
 
 # -- generate --------------------------------------------------------------------------
@@ -372,9 +376,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     tune_cpu_malloc()  # before JAX starts its CPU client (lark_jax.hostmem)
+    from lark_jax.compile_cache import compile_cache  # imports JAX: only once a command runs
+
     rep = Reporter(quiet=args.quiet, verbose=args.verbose)
     try:
-        COMMANDS[args.command][2](args, rep)
+        with compile_cache(args.compile_cache):  # before the command compiles anything
+            COMMANDS[args.command][2](args, rep)
     except LarkError as e:
         print(f"lark-jax {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

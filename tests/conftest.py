@@ -14,6 +14,15 @@ tune_cpu_malloc()  # as the CLI does, before the CPU client starts
 
 import pytest  # noqa: E402
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _compile_cache_in_tmp(tmp_path_factory):
+    """The CLI's compile cache (lark_jax.compile_cache) goes to this session's tmp dir, in
+    this process and in the ones the tests start: a test run never writes to ~/.cache."""
+    os.environ["LARK_JAX_CACHE"] = str(tmp_path_factory.mktemp("lark-jax-cache"))
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+
+
 # Tiny configurations covering every family feature the decoder implements.
 FAMILY_CASES = {
     "llama_tied_gqa": dict(model_type="llama", tie_word_embeddings=True,
