@@ -9,8 +9,10 @@ import pytest
 
 from lark_jax.demo.stats import (
     bootstrap_means,
+    correlation_ci,
     mean_ci,
     paired_difference,
+    partial_spearman,
     resample_counts,
     spearman,
 )
@@ -80,6 +82,84 @@ def test_spearman():
     assert math.isnan(spearman([1, 2], [3, 4]))
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
     assert spearman([1, 2, float("nan"), 3, 4], [1, 2, 5, 3, 4]) == pytest.approx(1.0)
+
+
+def _py_ranks(values):
+    """Average ranks by counting, in plain Python floats."""
+    return [sum(w < v for w in values) + (sum(w == v for w in values) - 1) / 2
+            for v in values]
+
+
+def _py_residuals(a, b):
+    """a minus its least-squares line on b, by the normal equations written out."""
+    n = len(a)
+    ma, mb = sum(a) / n, sum(b) / n
+    slope = (sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
+             / sum((y - mb) ** 2 for y in b))
+    return [x - ma - slope * (y - mb) for x, y in zip(a, b, strict=True)]
+
+
+def _py_pearson(a, b):
+    n = len(a)
+    ma, mb = sum(a) / n, sum(b) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
+    return cov / math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+
+
+def test_partial_spearman_is_the_correlation_of_rank_residuals():
+    """The oracle: rank each variable, regress z's ranks out of x's and y's, correlate the
+    residuals (a different computation from the closed formula)."""
+    rng = np.random.default_rng(4)
+    for n in (5, 12, 60):
+        z = rng.integers(0, 6, size=n).astype(float)  # ties
+        x = z + rng.normal(size=n)
+        y = np.round(z - x + rng.normal(size=n), 1)
+        rx, ry, rz = _py_ranks(list(x)), _py_ranks(list(y)), _py_ranks(list(z))
+        want = _py_pearson(_py_residuals(rx, rz), _py_residuals(ry, rz))
+        assert partial_spearman(x, y, z) == pytest.approx(want, abs=1e-12)
+        assert spearman(x, y) == pytest.approx(_py_pearson(rx, ry), abs=1e-12)
+    # By hand: x and y both follow z, and given z they are unrelated.
+    z = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert math.isnan(partial_spearman(x, [2.0, 1.0, 4.0, 3.0, 6.0, 5.0], z))  # r_xz = 1
+    x = [2.0, 1.0, 4.0, 3.0, 6.0, 5.0]
+    y = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0][::-1]
+    # ranks: rx = (1,0,3,2,5,4), ry = (5,...,0), rz = (0,...,5): r_xz = 29/35, r_yz = −1.
+    assert math.isnan(partial_spearman(x, y, z))
+    # By hand, 1 − 6 Σd² / (n(n² − 1)) with rank differences d: Σd² = 6, 2, 4.
+    y = [1.0, 2.0, 3.0, 4.0, 6.0, 5.0]
+    r_xz, r_yz, r_xy = 29 / 35, 33 / 35, 31 / 35
+    want = (r_xy - r_xz * r_yz) / math.sqrt((1 - r_xz ** 2) * (1 - r_yz ** 2))
+    assert spearman(x, z) == pytest.approx(r_xz) and spearman(y, z) == pytest.approx(r_yz)
+    assert spearman(x, y) == pytest.approx(r_xy)
+    assert partial_spearman(x, y, z) == pytest.approx(want)
+    assert partial_spearman(x + [np.nan], y + [0.0], z + [1.0]) == pytest.approx(want)
+
+
+def test_correlation_interval_brackets_the_estimate_and_narrows_with_n():
+    rng = np.random.default_rng(5)
+    widths = {}
+    for n in (40, 2000):
+        z = rng.normal(size=n)
+        x = z + rng.normal(size=n)
+        y = 0.5 * x + z + rng.normal(size=n)
+        for given in (None, z):
+            c = correlation_ci(x, y, given, n_boot=400)
+            lo, hi = c["ci95"]
+            assert lo <= c["r"] <= hi and c["n"] == n and c["n_boot"] == 400
+            want = spearman(x, y) if given is None else partial_spearman(x, y, z)
+            assert c["r"] == pytest.approx(want)
+            widths[n, given is None] = hi - lo
+    # the interval's width falls like 1/sqrt(n): 50x the cases, about 1/7 the width
+    for plain in (True, False):
+        assert widths[2000, plain] < widths[40, plain] / 3
+    # The truth of a clear relation is inside its interval (y = x + noise, rho ~ 0.7).
+    x = rng.normal(size=500)
+    y = x + rng.normal(size=500)
+    lo, hi = correlation_ci(x, y)["ci95"]
+    assert lo < 6 / math.pi * math.asin(1 / math.sqrt(2) / 2) < hi
+    flat = correlation_ci([1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0])
+    assert flat == {"r": None, "ci95": None, "n": 4, "n_boot": 0}
 
 
 def test_guess_floor_is_the_commonest_answer_set_and_counts_its_hits():

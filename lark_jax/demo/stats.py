@@ -1,4 +1,8 @@
-"""Statistics of the demo's table: rank correlation and bootstrap intervals.
+"""Statistics of the demo's table: rank correlations and bootstrap intervals.
+
+Correlations (the diagnostics) are Spearman's and the rank partial correlation given a
+third variable (:func:`partial_spearman`), each with a percentile bootstrap interval over
+the cases (:func:`correlation_ci`).
 
 The benchmark result of one fine-tuned student is a 0/1 outcome per held-out problem
 (solved within k samples or not); a method has one such vector per seed. Its accuracy is
@@ -26,26 +30,83 @@ import numpy as np
 N_BOOT = 10_000
 
 
+def ranks(a) -> np.ndarray:
+    """Ranks 0..n−1 of ``a`` (float64), ties sharing their average rank."""
+    a = np.asarray(a, np.float64)
+    order = np.argsort(a, kind="mergesort")
+    r = np.empty(len(a))
+    r[order] = np.arange(len(a), dtype=np.float64)
+    _, inv = np.unique(a, return_inverse=True)
+    return (np.bincount(inv, r) / np.bincount(inv))[inv]
+
+
+def _finite(*cols) -> list[np.ndarray]:
+    cols = [np.asarray(c, np.float64) for c in cols]
+    ok = np.logical_and.reduce([np.isfinite(c) for c in cols])
+    return [c[ok] for c in cols]
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float((a ** 2).sum() * (b ** 2).sum()))
+    return float((a * b).sum() / den) if den > 0 else math.nan
+
+
 def spearman(x, y) -> float:
     """Spearman rank correlation of the finite pairs (average ranks for ties); NaN when fewer
     than three pairs or either side is constant."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
+    x, y = _finite(x, y)
     if len(x) < 3:
         return math.nan
+    return _pearson(ranks(x), ranks(y))
 
-    def ranks(a):
-        order = np.argsort(a, kind="mergesort")
-        r = np.empty(len(a))
-        r[order] = np.arange(len(a), dtype=np.float64)
-        _, inv = np.unique(a, return_inverse=True)
-        return (np.bincount(inv, r) / np.bincount(inv))[inv]
 
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    den = math.sqrt(float((rx ** 2).sum() * (ry ** 2).sum()))
-    return float((rx * ry).sum() / den) if den > 0 else math.nan
+def partial_spearman(x, y, z) -> float:
+    """Rank partial correlation of x and y given z over the finite triples: the Pearson
+    correlation of the ranks with the ranks of z regressed out, which is
+
+        r_xy·z = (r_xy − r_xz r_yz) / sqrt((1 − r_xz²)(1 − r_yz²)),  r = Spearman.
+
+    NaN with fewer than four triples, a constant column, or |r_xz| or |r_yz| = 1."""
+    x, y, z = _finite(x, y, z)
+    if len(x) < 4:
+        return math.nan
+    rx, ry, rz = ranks(x), ranks(y), ranks(z)
+    r_xy, r_xz, r_yz = _pearson(rx, ry), _pearson(rx, rz), _pearson(ry, rz)
+    den = (1.0 - r_xz ** 2) * (1.0 - r_yz ** 2)
+    if not den > 0:  # also NaN
+        return math.nan
+    return float((r_xy - r_xz * r_yz) / math.sqrt(den))
+
+
+N_BOOT_CORR = 1000
+
+
+def correlation_ci(x, y, z=None, n_boot: int = N_BOOT_CORR, seed: int = 0,
+                   level: float = 0.95) -> dict:
+    """Spearman(x, y), or with ``z`` the partial Spearman given z, over the finite cases,
+    with a percentile bootstrap interval: the cases (pairs or triples) resampled with
+    replacement ``n_boot`` times, the statistic recomputed on each, the (1 ± level)/2
+    quantiles of the draws where it is defined. ``{"r", "ci95": [lo, hi] or None, "n",
+    "n_boot"}`` (``n_boot``: the draws that gave a value; no interval when under half did,
+    e.g. with a handful of cases)."""
+    cols = _finite(x, y) if z is None else _finite(x, y, z)
+    n = len(cols[0])
+    stat = spearman if z is None else partial_spearman
+    r = stat(*cols)
+    out = {"r": r if math.isfinite(r) else None, "ci95": None, "n": n, "n_boot": 0}
+    if out["r"] is None:
+        return out
+    rng = np.random.default_rng(seed)
+    draws = np.array([stat(*(c[idx] for c in cols))
+                      for idx in rng.integers(0, n, size=(n_boot, n))])
+    draws = draws[np.isfinite(draws)]
+    out["n_boot"] = int(draws.size)
+    if draws.size >= n_boot / 2:
+        a = (1.0 - level) / 2
+        lo, hi = np.quantile(draws, [a, 1.0 - a])
+        out["ci95"] = [float(lo), float(hi)]
+    return out
 
 
 def resample_counts(n_seeds: int, n_problems: int, n_boot: int = N_BOOT, seed: int = 0
