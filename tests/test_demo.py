@@ -298,8 +298,86 @@ def test_demo_end_to_end_outputs(demo_run):
         assert d[key] is not None and -1.0 <= d[key] <= 1.0, key
     assert set(d["per_teacher"]) == set(TEACHERS)
     assert d["n_trajectories"] == cfg.task.n_pool * 8
-    for name in ("sft_loss", "lark_vs_utility", "acc_ci"):
+    for name in ("sft_loss", "lark_vs_utility", "acc_ci", "correlations"):
         assert (out / "plots" / f"{name}.png").read_bytes()[:8] == PNG
+    check_controls(out, rows, results, pool)
+    check_trajectories(out, cfg, results, pool)
+
+
+def _selection(out, name):
+    return [json.loads(x)["meta"] for x in
+            (out / "selections" / f"{name}.jsonl").read_text().splitlines()]
+
+
+def check_controls(out, rows, results, pool):
+    """The controls' selections against what the pool and the scores say they must be."""
+    lark, matched = _selection(out, "lark-s0"), _selection(out, "random-matched-s0")
+    count = lambda recs: {t: sum(r["teacher"] == t for r in recs) for t in TEACHERS}  # noqa: E731
+    assert count(matched) == count(lark) and len(matched) == len(lark)
+    assert sorted(r["problem_id"] for r in matched) == sorted(r["problem_id"] for r in lark)
+    assert rows["random-matched"]["teacher_mix"] == rows["lark"]["teacher_mix"]
+    correct = {(r["problem_id"], r["candidate_id"]): r["meta"]["correct"] for r in pool}
+    verified = _selection(out, "verified-s0")
+    assert verified and all(correct[(r["problem_id"], r["candidate_id"])] for r in verified)
+    scores = json.loads((out / "scores.json").read_text())["scores"]
+    by_teacher: dict[str, list[float]] = {}
+    for rows_ in scores.values():
+        for r in rows_:
+            by_teacher.setdefault(r["teacher"], []).append(r["g_hat"])
+    best = max(sorted(by_teacher), key=lambda t: np.mean(by_teacher[t]))
+    picked = _selection(out, "best-teacher-s0")
+    assert {r["teacher"] for r in picked} == {best}
+    assert len(picked) == len(by_teacher[best])
+    for key in ("lark - random-matched", "lark - best-teacher", "lark - verified"):
+        p = results["paired"][key]
+        a, b = key.split(" - ")
+        assert p["mean"] == pytest.approx(rows[a]["acc"]["mean"] - rows[b]["acc"]["mean"])
+
+
+def check_trajectories(out, cfg, results, pool):
+    """results.json's per-trajectory arrays, and the correlations recomputed from them."""
+    from lark_jax.demo.stats import partial_spearman, spearman
+
+    tr = results["trajectories"]
+    n = cfg.task.n_pool * 8
+    assert all(len(v) == n for v in tr.values())
+    keys = list(zip(tr["problem_id"], tr["candidate_id"], strict=True))
+    assert keys == sorted((r["problem_id"], r["candidate_id"]) for r in pool)
+    f = {k: np.array([np.nan if x is None else x for x in v], np.float64)
+         for k, v in tr.items() if k != "teacher"}
+    np.testing.assert_allclose(f["decrease_all"], np.log(f["L"] / f["L_all"]), rtol=1e-12)
+    np.testing.assert_allclose(f["decrease_first_order"], np.log(f["L"] / f["L_first_order"]),
+                               rtol=1e-12)
+    measured = np.isfinite(f["rate_mean"])
+    assert measured.sum() == min(cfg.gradient_check_problems, cfg.task.n_pool) * 8
+    np.testing.assert_allclose(f["rate_sum"][measured],
+                               f["tokens"][measured] * f["rate_mean"][measured], rtol=1e-6)
+    correct = {(r["problem_id"], r["candidate_id"]): r["meta"]["correct"] for r in pool}
+    assert f["correct"].tolist() == [float(correct[k]) for k in keys]
+    teachers = np.array(tr["teacher"])
+    corr = results["diagnostics"]["correlations"]
+    assert set(corr) == {f"rho_vs_{y}" for y in ("rate_mean", "rate_sum",
+                                                  "decrease_first_order", "decrease_all")}
+    for name, c in corr.items():
+        y = f[name.removeprefix("rho_vs_")]
+        assert c["overall"]["r"] == pytest.approx(spearman(f["rho"], y))
+        assert c["partial_given_tokens"]["r"] == pytest.approx(
+            partial_spearman(f["rho"], y, f["tokens"]))
+        for t, v in c["per_teacher"].items():
+            want = spearman(f["rho"][teachers == t], y[teachers == t])
+            assert (v["r"] is None) if math.isnan(want) else v["r"] == pytest.approx(want)
+        for v in [c["overall"], c["partial_given_tokens"], *c["per_teacher"].values()]:
+            if v["ci95"] is not None:
+                assert v["ci95"][0] <= v["r"] <= v["ci95"][1]
+    for t, v in results["diagnostics"]["per_teacher"].items():
+        assert 0 <= v["utility_acc"] <= 1
+        summary = json.loads((out / "evals" / f"utility-{t}" / "summary.json").read_text())
+        assert summary[f"acc@{cfg.eval_samples}"] == pytest.approx(v["utility_acc"])
+    import jax
+
+    m = results["machine"]
+    assert m["jax"] == jax.__version__ and m["cpu"]
+    assert sum(m["devices"].values()) == 1  # the demo ran in its own one-device process
     md = (out / "results.md").read_text()
     for m in METHODS:
         assert f"| {m} |" in md or f"| **{m}** |" in md
@@ -473,6 +551,29 @@ def test_heldout_metrics_match_float64_torch_in_any_batch_order(hf_students):
     assert sum(len(m) for m in held.marks) == 8  # every "= N" of the texts was marked
     assert got["loss"] == pytest.approx(num / den, rel=1e-4)
     assert got["marked_acc"] == pytest.approx(hits / total)
+
+
+def test_machine_info_names_the_cpu_devices_and_versions():
+    import re
+
+    import flax
+    import jax
+    import jaxlib
+
+    from lark_jax.demo.report import machine_info
+
+    m = machine_info()
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    found = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    if found:
+        assert m["cpu"] == found.group(1).strip()
+    assert m["cpu"]
+    assert (m["jax"], m["jaxlib"], m["flax"]) == (jax.__version__, jaxlib.__version__,
+                                                 flax.__version__)
+    kinds = [d.device_kind for d in jax.devices()]
+    assert m["devices"] == {k: kinds.count(k) for k in kinds}
+    assert m["backend"] == jax.default_backend() and m["cpu_count"] == os.cpu_count()
+    json.dumps(m)  # plain JSON
 
 
 def test_headline_and_run_lengths_name_the_equal_steps_run_once():

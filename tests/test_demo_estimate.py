@@ -16,7 +16,8 @@ RUN = Path(__file__).resolve().parents[1] / "benchmarks/results/demo_quick_2026-
 
 
 def quick_sizes():
-    cfg = demo_config()
+    # The committed run predates the per-teacher evaluations and the first-order fine-tune.
+    cfg = demo_config(utility_eval_problems=0, first_order_steps=0)
     task = build_task(cfg.task)
     return cfg, len(task.pool), dict(collections.Counter(r["teacher"] for r in task.pool))
 
@@ -46,6 +47,29 @@ def test_the_estimate_of_the_committed_run_is_its_time():
     # Larger work, longer estimate: twice the seeds, more fine-tune time.
     twice = estimate(demo_config(seeds=(0, 1, 2, 3, 4, 5)), n, per_teacher, False)
     assert twice["fine-tunes"] > 1.5 * est["fine-tunes"]
+
+
+def test_the_new_diagnostics_and_the_controls_are_counted():
+    old, n, per_teacher = quick_sizes()
+    now = demo_config()
+    a, b = estimate(old, n, per_teacher, True), estimate(now, n, per_teacher, True)
+    one_eval = b["base eval"]
+    share = now.utility_eval_problems / now.task.n_bench
+    assert b["fine-tunes"] - a["fine-tunes"] == pytest.approx(
+        len(per_teacher) * share * one_eval)
+    # the first-order run: one more scoring of the pool plus its steps, linear in them
+    d = {k: estimate(demo_config(first_order_steps=k), n, per_teacher, True)["diagnostics"]
+         for k in (0, 16, 32)}
+    assert d[0] == pytest.approx(a["diagnostics"])
+    assert d[16] - d[0] - a["score"] == pytest.approx(d[32] - d[16])
+    assert d[32] > d[16] > d[0] + a["score"]
+    # controls: random-matched and verified hold a budget-B selection's records,
+    # best-teacher the largest teacher's (which teacher is known only after scoring)
+    ctl = demo_config(methods=("lark", "random-matched", "best-teacher", "verified"),
+                      utility=False, seeds=(0,))
+    steps, evals, _ = fine_tunes(ctl, n, per_teacher)
+    assert evals == 4
+    assert steps == 3 * ctl.run_steps(ctl.task.n_pool) + ctl.run_steps(max(per_teacher.values()))
 
 
 def test_the_never_run_full_preset_is_not_offered():

@@ -25,8 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=None,
                    help="comma-separated methods to compare, from lark, lark-reference, "
                         "random, all, all-equal-steps, min-loss, max-loss, rsr, shortest, "
-                        "longest (default: all of them; --quick: lark, lark-reference, "
-                        "random, all, all-equal-steps, max-loss); 'lark' is required")
+                        "longest, random-matched, best-teacher, verified (default: all of "
+                        "them; --quick: lark, lark-reference, random, all, all-equal-steps, "
+                        "max-loss); random-matched, best-teacher and verified are the "
+                        "controls of docs/method.md; 'lark' is required")
     p.add_argument("--no-utility", action="store_true",
                    help="skip the per-teacher fine-tunes of the utility diagnostic")
     length = p.add_mutually_exclusive_group()

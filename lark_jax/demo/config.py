@@ -34,12 +34,19 @@ METHOD_SPECS = {"lark": MethodSpec("lark", "record"),
                 "min-loss": MethodSpec("min-loss", "record"),
                 "max-loss": MethodSpec("max-loss", "record"),
                 "rsr": MethodSpec("rsr", "record"), "shortest": MethodSpec("shortest", "record"),
-                "longest": MethodSpec("longest", "record")}
+                "longest": MethodSpec("longest", "record"),
+                "random-matched": MethodSpec("random-matched", "record"),
+                "best-teacher": MethodSpec("best-teacher", "record"),
+                "verified": MethodSpec("verified", "record")}
 METHODS = tuple(METHOD_SPECS)
 # The quick preset's comparison: LARK (both objectives) against random and all, at equal
 # epochs and at equal steps (the paired differences), and max-loss (does LARK do more than
 # rank by loss?).
 QUICK_METHODS = ("lark", "lark-reference", "random", "all", "all-equal-steps", "max-loss")
+# The controls (docs/method.md, "Controls"): run beside the quick preset with
+# ``--methods lark,random-matched,best-teacher,verified`` (they would take its default run
+# past its time budget).
+CONTROL_METHODS = ("random-matched", "best-teacher", "verified")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +80,12 @@ class DemoConfig:
     repetition_penalty: float = 1.0
     max_new_tokens: int = 200  # the longest teacher (rambler) writes under 190 tokens
     utility: bool = True  # per-teacher fine-tunes for the utility diagnostic
+    # ... each also evaluated (ACC@k) on the first ``utility_eval_problems`` benchmark
+    # problems (None: all; 0: not evaluated): utility as downstream accuracy
+    utility_eval_problems: int | None = None
+    # Steps of a short fine-tune on the whole pool whose per-trajectory loss decrease is the
+    # first-order measurement (0: not measured)
+    first_order_steps: int = 16
     gradient_check: bool = True  # rescore with --estimator gradient: proxy ρ vs exact rate
     gradient_check_problems: int = 64  # ... on this many pool problems (x 8 trajectories)
     max_length: int = 512
@@ -109,6 +122,10 @@ class DemoConfig:
                      "gradient_check_problems"):
             if getattr(self, name) < 1:
                 raise LarkError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("first_order_steps", "utility_eval_problems"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise LarkError(f"{name} must be >= 0, got {v}")
         if not self.lr > 0:
             raise LarkError("lr must be > 0")
         if not self.repetition_penalty > 0:
@@ -125,8 +142,10 @@ def demo_config(quick: bool = True, *, tiny: bool = False, seeds=None, **overrid
     quick  800-problem pool, 500-problem benchmark, 0.8M-parameter student (hidden 128, 4
            layers) pre-trained 2000 steps at lr 3e-3, fine-tunes of 4 epochs in batches of
            8 records at lr 3e-3 (400 steps for a budget-1 selection, 3200 for 'all'), ACC@4,
-           seeds 0, 1, 2, methods ``QUICK_METHODS``. Pre-training: after 2000 steps the
-           student predicts 93 % of held-out arithmetic facts (teacher-forced argmax; 100 %
+           seeds 0, 1, 2, methods ``QUICK_METHODS``; diagnostics: the per-teacher runs
+           evaluated on 100 benchmark problems, a 16-step first-order fine-tune.
+           Pre-training: after 2000 steps the student predicts 93 % of held-out arithmetic
+           facts (teacher-forced argmax; 100 %
            on the corpus without teacher snippets, task v2, where 600 steps gave 74 %).
            Epochs, not a fixed step count: the published recipe trains every selection for
            the same epochs (steps = ceil(N / batch) x epochs), and equal steps starve 'all',
@@ -150,7 +169,8 @@ def demo_config(quick: bool = True, *, tiny: bool = False, seeds=None, **overrid
             student=StudentRecipe(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                   intermediate_size=128, vocab_size=320, pretrain_steps=6,
                                   batch_size=8),
-            seeds=(0,), epochs=1, batch_size=8, eval_samples=2, max_new_tokens=24)
+            seeds=(0,), epochs=1, batch_size=8, eval_samples=2, max_new_tokens=24,
+            first_order_steps=2)
     elif quick:
         cfg = DemoConfig(
             preset="quick",
@@ -159,7 +179,7 @@ def demo_config(quick: bool = True, *, tiny: bool = False, seeds=None, **overrid
                                   intermediate_size=352, pretrain_steps=2000, batch_size=16,
                                   lr=3e-3),
             seeds=(0, 1, 2), methods=QUICK_METHODS, epochs=4, batch_size=8, lr=3e-3,
-            eval_samples=4)
+            eval_samples=4, utility_eval_problems=100)
     else:
         raise LarkError("there is no larger demo preset: the 'full' one was never run end to "
                         "end and was removed; the default is the quick preset (override its "

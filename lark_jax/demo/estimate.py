@@ -12,6 +12,10 @@ student's parameter count:
     held-out     fine-tunes measured × params                 48.5 s over 21 fine-tunes
     diagnostics  pool trajectories × params                   50.7 s
 
+Measured since: the per-teacher runs' evaluations (``utility_eval_problems``, an eval's cost
+times the share of the benchmark) and the first-order fine-tune (its steps, plus one more
+scoring of the pool) are counted at the same unit costs.
+
 An estimate, not a promise: another CPU differs by up to ~3x, an accelerator by far more,
 and attention's cost grows faster than linearly with length. The demo prints it at the
 start and shows the time left as the stages finish (the same estimate, scaled by the
@@ -49,15 +53,18 @@ def fine_tunes(cfg: DemoConfig, n_trajectories: int, per_teacher: dict[str, int]
                ) -> tuple[int, int, int]:
     """(run-steps trained, evaluations, fine-tunes measured on held-out data) of the
     methods and utility runs, as ``stages.run_methods`` plans them: a budget-B selection
-    holds n_pool × B records, 'all' every trajectory; LARK under the reference objective
-    at budget 1 computes LARK's steps and is trained and evaluated once."""
+    holds n_pool × B records, 'all' every trajectory, 'best-teacher' every trajectory of
+    one teacher (counted as the largest teacher's: which one is known only after scoring);
+    LARK under the reference objective at budget 1 computes LARK's steps and is trained and
+    evaluated once."""
     n_budget = cfg.task.n_pool * cfg.budget
     steps = evals = 0
     for method in cfg.methods:
         if method == "lark-reference" and cfg.budget == 1 and "lark" in cfg.methods:
             continue
         spec = METHOD_SPECS[method]
-        n = n_trajectories if spec.policy == "all" else n_budget
+        n = (n_trajectories if spec.policy == "all" else
+             max(per_teacher.values()) if spec.policy == "best-teacher" else n_budget)
         steps += cfg.run_steps(n_budget if spec.budget_steps else n) * len(cfg.seeds)
         evals += len(cfg.seeds)
     utility = list(per_teacher.values()) if cfg.utility else []
@@ -72,13 +79,19 @@ def estimate(cfg: DemoConfig, n_trajectories: int, per_teacher: dict[str, int],
     run_steps, evals, measured = fine_tunes(cfg, n_trajectories, per_teacher)
     one_eval = _S["eval"] * cfg.task.n_bench * cfg.eval_samples * cfg.max_new_tokens * p
     r = cfg.student
+    n_util = cfg.utility_eval_problems
+    util_share = (0.0 if not cfg.utility or n_util == 0 else
+                  min(n_util or cfg.task.n_bench, cfg.task.n_bench) / cfg.task.n_bench)
+    first_order = (_S["train"] * cfg.first_order_steps * cfg.batch_size * p
+                   + _S["score"] * n_trajectories * p) if cfg.first_order_steps else 0.0
     return {
         "student": 0.0 if student_cached else _S["student"] * r.pretrain_steps * r.batch_size * p,
         "score": _S["score"] * n_trajectories * p,
         "base eval": one_eval,
         "fine-tunes": (_S["train"] * run_steps * cfg.batch_size * p + evals * one_eval
-                       + _S["heldout"] * measured * p),
-        "diagnostics": _S["diagnostics"] * n_trajectories * p,
+                       + _S["heldout"] * measured * p
+                       + util_share * len(per_teacher) * one_eval),
+        "diagnostics": _S["diagnostics"] * n_trajectories * p + first_order,
     }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -14,6 +16,34 @@ from lark_jax import fsio
 from lark_jax.demo.config import METHOD_SPECS
 from lark_jax.demo.stats import guess_floor, mean_ci, paired_difference, resample_counts
 from lark_jax.demo.task import TEACHERS
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name") and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info() -> dict:
+    """What ran the demo: XLA's numerics differ between CPU types and devices, so one run's
+    student is one draw (issue #29); results.json says which machine drew it."""
+    import flax
+    import jax
+    import jaxlib
+
+    kinds: dict[str, int] = {}
+    for d in jax.devices():
+        kinds[d.device_kind] = kinds.get(d.device_kind, 0) + 1
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "backend": jax.default_backend(),
+            "devices": kinds, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__}
 
 # -- report -----------------------------------------------------------------------------------
 
@@ -44,49 +74,89 @@ def plots(ctx, results: dict) -> dict[str, Path]:
               labels=methods,
               steps_per_epoch=[cfg.steps_per_epoch(runs[m][seed]["n_records"]) for m in methods])
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    ax = axes[0]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    ax = axes[0, 0]
     pt = diag["per_teacher"]
+    by_acc = all("utility_acc" in v for v in pt.values())
+    key = "utility_acc" if by_acc else "utility"
     for t, v in pt.items():
-        y = v.get("utility", math.nan)
+        y = 100 * v[key] if by_acc else v.get(key, math.nan)
         ax.scatter(v["lark_score"], y, color=_TEACHER_COLORS.get(t), s=50)
         ax.annotate(t, (v["lark_score"], y), textcoords="offset points", xytext=(4, 4),
                     fontsize=8)
     ax.set_xlabel("LARK score (mean ĝ of the teacher's trajectories)")
-    ax.set_ylabel("utility: drop of held-out reference loss")
-    ax.set_title(f"per teacher, Spearman {_fmt_r(diag['spearman_teacher_utility'])}")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.grid(alpha=0.3)
-    ax = axes[1]
-    traj = diag.get("per_trajectory")
-    if traj:
-        _by_teacher(ax, traj["teacher"], traj["rho"], traj["rate"])
-        ax.legend(fontsize=7, markerscale=2)
-        ax.set_title(f"per trajectory, Spearman {_fmt_r(diag['spearman_traj_rho_rate'])}")
+    tc = diag["teacher_correlations"]
+    if by_acc:
+        ax.set_ylabel(f"utility: ACC@{cfg.eval_samples} (%) of the teacher's fine-tune")
+        ax.set_title("per teacher, Spearman " + _fmt_ci(tc["lark_score_vs_utility_acc"]))
     else:
-        ax.set_title("per trajectory: needs the 'all' method")
-    ax.set_xlabel("ρ = Brier / L (LARK's predicted rate)")
-    ax.set_ylabel("measured rate log(L_before / L_after), 'all' run")
+        ax.set_ylabel("utility: drop of held-out reference loss")
+        ax.set_title(f"per teacher, Spearman {_fmt_r(diag['spearman_teacher_utility'])}")
+        ax.axhline(0, color="grey", lw=0.5)
     ax.grid(alpha=0.3)
-    ax = axes[2]
-    check = diag.get("gradient_check")
-    if check:
-        _by_teacher(ax, check["teacher"], check["rho_proxy"], check["rho_gradient"])
-        ax.set_yscale("log")
-        ax.set_title("proxy vs exact rate, Spearman "
-                     f"{_fmt_r(diag['spearman_rho_proxy_vs_gradient'])}")
-    else:
-        ax.set_title("proxy vs exact rate: not measured (gradient_check off)")
-    ax.set_xlabel("ρ = Brier / L (proxy)")
-    ax.set_ylabel("‖∇θ L‖² / L (exact, --estimator gradient)")
-    ax.grid(alpha=0.3)
+    traj, corr = diag["per_trajectory"], diag["correlations"]
+    panels = ((axes[0, 1], "decrease_all", "measured log(L_before / L_after), 'all' run", False),
+              (axes[1, 0], "decrease_first_order",
+               f"measured log(L_before / L_after) after {cfg.first_order_steps} steps", False),
+              (axes[1, 1], "rate_sum", "exact T·‖∇θ L‖² / L (--estimator gradient)", True))
+    for ax, y, label, log in panels:
+        c = corr.get(f"rho_vs_{y}")
+        if c is None:
+            ax.set_title(f"{y}: not measured")
+        else:
+            _by_teacher(ax, traj["teacher"], traj["rho"], traj[y])
+            if log:
+                ax.set_yscale("log")
+            ax.set_title(f"Spearman {_fmt_ci(c['overall'])}, given T "
+                         f"{_fmt_ci(c['partial_given_tokens'])}", fontsize=9)
+        ax.set_xlabel("ρ = Brier / L (LARK's predicted rate)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0, 1].legend(fontsize=7, markerscale=2)
     fig.tight_layout()
     util_png = plots_dir / "lark_vs_utility.png"
     _save(fig, util_png)
 
+    corr_png = plots_dir / "correlations.png"
+    correlation_plot(results, corr_png)
+
     acc_png = plots_dir / "acc_ci.png"
     acc_plot(results, acc_png)
-    return {"sft_loss": loss_png, "lark_vs_utility": util_png, "acc_ci": acc_png}
+    return {"sft_loss": loss_png, "lark_vs_utility": util_png, "acc_ci": acc_png,
+            "correlations": corr_png}
+
+
+def correlation_plot(results: dict, path: Path) -> None:
+    """Spearman(ρ, each measured quantity) with its interval: overall, given T and within
+    each teacher (from results.json alone)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corr = results["diagnostics"]["correlations"]
+    names = list(corr)
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1), 4.5),
+                             sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names, strict=False):
+        c = corr[name]
+        rows = [("overall", c["overall"]), ("given T", c["partial_given_tokens"])] + [
+            (t, v) for t, v in c["per_teacher"].items()]
+        for i, (label, v) in enumerate(rows):
+            y = len(rows) - 1 - i
+            if v["r"] is None:
+                continue
+            lo, hi = v["ci95"] or (v["r"], v["r"])
+            ax.errorbar(v["r"], y, xerr=[[v["r"] - lo], [hi - v["r"]]], fmt="o", capsize=3,
+                        color=_TEACHER_COLORS.get(label, "black"))
+        ax.set_yticks(range(len(rows))[::-1], [label for label, _ in rows])
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set_xlim(-1, 1)
+        ax.set_title(name.replace("_", " "), fontsize=9)
+        ax.set_xlabel("Spearman, 95 % bootstrap interval")
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    _save(fig, path)
 
 
 def acc_plot(results: dict, path: Path) -> None:
@@ -138,6 +208,15 @@ def _fmt_r(r) -> str:
     return "n/a" if r is None or not math.isfinite(r) else f"{r:+.2f}"
 
 
+def _fmt_ci(c: dict) -> str:
+    """A correlation_ci result as "+0.12 [+0.05, +0.19]" (n/a when undefined)."""
+    if c["r"] is None:
+        return "n/a"
+    if c["ci95"] is None:
+        return f"{c['r']:+.2f} [no interval]"
+    return f"{c['r']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]"
+
+
 _METRICS = (("acc", "ACC@k", 100.0, True), ("pass@1", "pass@1", 100.0, True),
             ("ref_loss", "ref loss", 1.0, False), ("step_acc", "step acc", 100.0, True))
 # How the samples answer (stages.answer_styles): reported beside ACC, never ranked.
@@ -162,9 +241,26 @@ def _mean_std(values) -> tuple[float, float]:
 # Paired differences reported (when both methods ran): LARK (either SFT objective) against
 # random and against every candidate at equal epochs and at equal steps, and the two
 # objectives against each other.
+# And LARK against its controls (docs/method.md, "Controls").
 PAIRS = (("lark", "random"), ("lark", "all"), ("lark", "all-equal-steps"),
          ("lark-reference", "random"), ("lark-reference", "all"),
-         ("lark-reference", "all-equal-steps"), ("lark", "lark-reference"))
+         ("lark-reference", "all-equal-steps"), ("lark", "lark-reference"),
+         ("lark", "random-matched"), ("lark", "best-teacher"), ("lark", "verified"))
+
+
+def _json_value(v):
+    """Numbers JSON-safe (NaN/inf -> None), lists and dicts recursively, strings as is."""
+    if isinstance(v, dict):
+        return {k: _json_value(x) for k, x in v.items()}
+    if isinstance(v, list | tuple | np.ndarray):
+        return [_json_value(x) for x in v]
+    if isinstance(v, str | bool | None):
+        return v
+    if isinstance(v, np.str_):
+        return str(v)
+    if isinstance(v, int | np.integer):
+        return int(v)
+    return _num(v)
 
 
 def build_results(ctx, t_start: float) -> dict:
@@ -210,7 +306,7 @@ def build_results(ctx, t_start: float) -> dict:
         return "all tied" if len(tied) == len(vals) else "tie: " + ", ".join(tied)
 
     winners = {key: best(key, higher) for key, _, _, higher in _METRICS}
-    per_traj = diag.get("per_trajectory")
+    per_traj = diag["per_trajectory"]
     built = ctx.built
     keys = ("spearman_ghat_vs_loss", "spearman_rho_vs_loss", "spearman_teacher_utility",
             "spearman_teacher_step_acc", "spearman_teacher_rho_own_rate",
@@ -233,18 +329,31 @@ def build_results(ctx, t_start: float) -> dict:
         "best": winners,
         "lark_wins": {k: v == "lark" for k, v in winners.items()},
         "diagnostics": {
-            "per_teacher": {t: {k: _num(v) for k, v in d.items()}
-                            for t, d in diag["per_teacher"].items()},
+            "per_teacher": _json_value(diag["per_teacher"]),
             **{k: _num(diag.get(k)) for k in keys},
-            "n_trajectories": len(per_traj["rho"]) if per_traj else 0,
-            "n_gradient_check": len(diag["gradient_check"]["rho_proxy"])
-            if "gradient_check" in diag else 0,
+            "n_trajectories": len(per_traj["rho"]),
+            "n_gradient_check": int(np.isfinite(per_traj["rate_mean"]).sum()),
+            "correlations": _json_value(diag["correlations"]),
+            "teacher_correlations": _json_value(diag["teacher_correlations"]),
         },
+        # One entry per pool trajectory, in (problem, candidate) order: every quantity the
+        # diagnostics correlate, so that anyone can re-analyse the run (null: not measured).
+        "trajectories": _json_value(per_traj),
+        "machine": machine_info(),
         "timings_s": {k: round(v, 1) for k, v in ctx.timings.items()},
         # what the demo predicted at its start (demo.estimate), beside what it took
         "estimate_s": {k: round(v, 1) for k, v in ctx.estimate.items()},
         "seconds": round(time.perf_counter() - t_start, 1),
     }
+
+
+def _machine(results: dict) -> str:
+    m = results.get("machine")
+    if not m:
+        return "not recorded"
+    devices = ", ".join(f"{n} x {k}" for k, n in m["devices"].items())
+    return (f"{m['cpu']} ({m['cpu_count']} CPUs), {m['backend']} backend: {devices}; "
+            f"jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}, Python {m['python']}")
 
 
 def _cell(stat: dict, scale: float, digits: int) -> str:
@@ -289,12 +398,14 @@ def _pts(x) -> str:
 
 def headline(results: dict) -> str:
     """One sentence: is LARK's difference from random (and from all, at equal epochs and at
-    equal steps) resolved? And one on how far above blind guessing the best method is."""
+    equal steps, and from the random-matched and best-teacher controls when they ran)
+    resolved? And one on how far above blind guessing the best method is."""
     k = results["k"]
     parts = []
     rows = {r["method"]: r for r in results["methods"]}
     shown: set[str] = set()
-    for key in ("lark - random", "lark - all", "lark - all-equal-steps"):
+    for key in ("lark - random", "lark - all", "lark - all-equal-steps",
+                "lark - random-matched", "lark - best-teacher"):
         d = results["paired"].get(key)
         other = key.split(" - ")[1]
         # Skipped when it is a method already stated's training (--steps: all-equal-steps).
@@ -387,15 +498,43 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| {r['method']} | " + " | ".join(
             f"{100 * r['teacher_mix'].get(t, 0):.0f}%" for t in TEACHERS) + " |")
     d = results["diagnostics"]
-    lines += ["", "Diagnostics (plots/lark_vs_utility.png):", "",
-              "| teacher | mean ĝ (LARK score) | mean ρ | mean L | utility (ref-loss drop) | "
-              "step-acc gain | own held-out rate |", "|---|---|---|---|---|---|---|"]
+    n_util = cfg.get("utility_eval_problems")
+    lines += ["", "Diagnostics (plots/lark_vs_utility.png, plots/correlations.png):", "",
+              f"| teacher | mean ĝ (LARK score) | mean ρ | mean L | utility: ACC@{k} (%) "
+              f"of its fine-tune | 95 % CI | utility (ref-loss drop) | "
+              "step-acc gain | own held-out rate |", "|---|---|---|---|---|---|---|---|---|"]
     for t, v in d["per_teacher"].items():
         f = lambda x, dg=4: "n/a" if x is None else f"{x:+.{dg}f}"  # noqa: E731
         plain = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+        acc, aci = v.get("utility_acc"), v.get("utility_acc_ci95")
         lines.append(f"| {t} | {f(v.get('lark_score'))} | {plain(v.get('rho'))} | "
-                     f"{plain(v.get('L'))} | {f(v.get('utility'))} | "
+                     f"{plain(v.get('L'))} | {fmt(acc, 100, 1)} | "
+                     f"{ci(aci) if aci else 'n/a'} | {f(v.get('utility'))} | "
                      f"{f(v.get('step_acc_gain'), 3)} | {f(v.get('own_rate'), 3)} |")
+    tc = d.get("teacher_correlations", {})
+    if tc:
+        on = f"the first {n_util}" if n_util else "all"
+        lines += ["", f"- Per teacher (6 points; the interval resamples teachers): "
+                  f"Spearman(LARK score, ACC@{k} of the teacher's fine-tune, on {on} "
+                  f"benchmark problems) {_fmt_ci(tc['lark_score_vs_utility_acc'])}; with the "
+                  f"ref-loss drop {_fmt_ci(tc['lark_score_vs_utility_ref_loss'])}."]
+    corr = d.get("correlations", {})
+    if corr:
+        lines += ["", "Spearman(ρ = Brier/L, each measurement) per trajectory, 95 % bootstrap "
+                  "interval (trajectories resampled); 'given T': the rank partial correlation "
+                  "given the trajectory's length; then within each teacher:", "",
+                  "| ρ vs | n | overall | given T | " + " | ".join(TEACHERS) + " |",
+                  "|---|---|---|---|" + "---|" * len(TEACHERS)]
+        for name, c in corr.items():
+            lines.append(f"| {name.removeprefix('rho_vs_')} | {c['overall']['n']} | "
+                         f"{_fmt_ci(c['overall'])} | {_fmt_ci(c['partial_given_tokens'])} | "
+                         + " | ".join(_fmt_ci(c["per_teacher"][t]) if t in c["per_teacher"]
+                                      else "n/a" for t in TEACHERS) + " |")
+        lines += ["", "rate_mean = ‖∇θ L‖²/L and rate_sum = T·‖∇θ L‖²/L are the exact rates "
+                  "(--estimator gradient, the first "
+                  f"{cfg['gradient_check_problems']} pool problems); decrease_first_order "
+                  f"and decrease_all = log(L_before / L_after) after {cfg.get('first_order_steps')}"
+                  " steps of fine-tuning on every pool trajectory, and after the 'all' run."]
     lines += ["",
               f"- Over {d['n_trajectories']} trajectories: Spearman(ĝ, L) "
               f"{_fmt_r(d['spearman_ghat_vs_loss'])} (near ±1 would mean LARK only ranks by "
@@ -421,6 +560,7 @@ def render_markdown(results: dict) -> str:
               "on that teacher's pool trajectories only (same epochs or steps, lr and "
               "batch; first seed). Own held-out rate = log of the ratio of the teacher's held-out "
               "trajectory loss before/after that fine-tune.",
+              "", f"Machine: {_machine(results)}.",
               "", f"Wall time {results['seconds']:.0f}s "
               f"({', '.join(f'{k} {v:.0f}s' for k, v in results['timings_s'].items())}).", ""]
     return "\n".join(lines)

@@ -24,7 +24,7 @@ import numpy as np
 from lark_jax import fsio
 from lark_jax.demo.config import METHOD_SPECS, DemoConfig
 from lark_jax.demo.heldout import HeldOut, heldout_metrics, prepare_heldout
-from lark_jax.demo.stats import spearman
+from lark_jax.demo.stats import correlation_ci, mean_ci, spearman
 from lark_jax.demo.student import BuiltStudent, build_student
 from lark_jax.demo.task import TEACHERS, Task, build_task
 from lark_jax.errors import LarkError
@@ -55,6 +55,7 @@ class DemoContext:
     runs: dict[str, dict[int, dict]] = dataclasses.field(default_factory=dict)
     solved: dict[str, dict[int, np.ndarray]] = dataclasses.field(default_factory=dict)
     utility: dict[str, dict] = dataclasses.field(default_factory=dict)  # per teacher
+    utility_solved: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     tuned: dict[str, Any] = dataclasses.field(default_factory=dict)  # "all": first seed's
     diagnostics: dict = dataclasses.field(default_factory=dict)
     estimate: dict = dataclasses.field(default_factory=dict)  # stage -> seconds (estimate)
@@ -156,8 +157,18 @@ def score(ctx: DemoContext) -> None:
 
     with ctx.stage("score"):
         ctx.table, _ = score_with(ctx, ctx.base, ctx.out / "scores.json", "demo-student",
-                                  "score pool", need=("g_hat", "L", "rho", "rsr", "tokens"))
+                                  "score pool",
+                                  need=("g_hat", "L", "Brier", "rho", "rsr", "tokens"))
         ctx.found, _ = gather_pool(ctx.files["pool"], ctx.table, set(ctx.table.keys()))
+        # The demo knows whether each of its trajectories ends in the right answer: the
+        # verified control's field (1 correct, 0 wrong).
+        known = {(r["problem_id"], r["candidate_id"]): float(r["meta"]["correct"])
+                 for r in ctx.task.pool}
+        t = ctx.table
+        correct = np.full(t.mask.shape, np.nan)
+        for i, j in np.argwhere(t.mask):
+            correct[i, j] = known[(int(t.problem_ids[i]), int(t.candidate_ids[i, j]))]
+        t.fields["correct"] = correct
 
 
 # -- 4. evaluation and held-out metrics --------------------------------------------------------
@@ -201,26 +212,28 @@ def answer_styles(out_dir: Path) -> dict:
             "worked_pass@1": float(np.mean(worked)) if worked else None}
 
 
-def evaluate(ctx: DemoContext, student, name: str, seed: int) -> tuple[dict, np.ndarray]:
+def evaluate(ctx: DemoContext, student, name: str, seed: int, bench=None
+             ) -> tuple[dict, np.ndarray]:
     """ACC@k, pass@1, the no-answer rate and the answer styles (:func:`answer_styles`) on
-    the benchmark, and per problem whether any of the k samples was correct (from the
-    eval's answers.jsonl)."""
+    the benchmark (``bench``, default the demo's), and per problem whether any of the k
+    samples was correct (from the eval's answers.jsonl)."""
     from lark_jax.evaluation import EvalConfig, run_eval
 
     cfg = ctx.cfg
-    n = len(ctx.bench.problems)
+    bench = ctx.bench if bench is None else bench
+    n = len(bench.problems)
     ecfg = EvalConfig(seed=seed, samples=cfg.eval_samples, temperature=cfg.temperature,
                       top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, system_prompt="",
                       repetition_penalty=cfg.repetition_penalty,
                       batch_size=min(256, cfg.eval_samples * n))
     with ctx.stage("eval"), ctx.rep.bar(cfg.eval_samples * n, f"eval {name}",
                                         unit="sample") as advance:
-        res = run_eval(student, ctx.bench, ctx.out / "evals" / name, ecfg, model_name=name,
+        res = run_eval(student, bench, ctx.out / "evals" / name, ecfg, model_name=name,
                        progress=advance)
     s = res.summary
     acc = next(v for k, v in s.items() if re.fullmatch(r"acc@\d+", k))
     solved = np.zeros(n)
-    index = {p.index: i for i, p in enumerate(ctx.bench.problems)}
+    index = {p.index: i for i, p in enumerate(bench.problems)}
     for line in (res.out_dir / "answers.jsonl").read_text().splitlines():
         a = json.loads(line)
         solved[index[a["problem"]]] = max(solved[index[a["problem"]]], float(a["correct"]))
@@ -356,6 +369,9 @@ def run_methods(ctx: DemoContext) -> None:
                 same_as[r] = group[together.same_as[i]]
     ctx.runs = {m: {} for m in cfg.methods}
     ctx.solved = {m: {} for m in cfg.methods}
+    n_util = cfg.utility_eval_problems
+    util_bench = (None if n_util == 0 else ctx.bench if n_util is None else
+                  dataclasses.replace(ctx.bench, problems=ctx.bench.problems[:n_util]))
     measured: dict[int, tuple[dict, np.ndarray]] = {}  # job -> (eval + held-out, solved)
     for r, j in enumerate(jobs):
         together, i, lrs = trained[r]
@@ -365,6 +381,12 @@ def run_methods(ctx: DemoContext) -> None:
         if j.utility:
             with ctx.stage("heldout"):
                 ctx.utility[j.key] = {**final, **heldout(ctx, tuned, teachers=True)}
+            if util_bench is not None:
+                # Utility as downstream accuracy: ACC@k of the teacher's own fine-tune.
+                metrics, solved = evaluate(ctx, tuned, f"utility-{j.key}", j.seed, util_bench)
+                ctx.utility[j.key].update(acc=metrics["acc"], pass1=metrics["pass@1"],
+                                          n_eval_problems=len(util_bench.problems))
+                ctx.utility_solved[j.key] = solved
             continue
         name = f"{j.key}-s{j.seed}"
         _write_metrics(ctx.out / "runs" / name / "metrics.jsonl", together, i, lrs,
@@ -399,8 +421,64 @@ def _teacher_grid(table) -> np.ndarray:
     return np.array([list(row) + [""] * (k - len(row)) for row in table.teachers])
 
 
+# The per-trajectory measurements the diagnostics correlate ρ with (results.json keeps
+# every one, per trajectory): the exact rates of --estimator gradient and the measured
+# decreases log(L_before / L_after) after a few steps and after the full 'all' run.
+TARGETS = ("rate_mean", "rate_sum", "decrease_first_order", "decrease_all")
+
+
+def _aligned(ctx: DemoContext, table, rows, field: str) -> np.ndarray:
+    """A rescored table's field on the untouched student's [N, K] grid (NaN elsewhere)."""
+    out = np.full(ctx.table.mask.shape, np.nan)
+    out[rows, :table.mask.shape[1]] = np.where(table.mask, table.fields[field], np.nan)
+    return out
+
+
+def first_order_student(ctx: DemoContext):
+    """The student after ``first_order_steps`` steps of fine-tuning on every pool trajectory
+    (the 'all' selection, first seed): few enough that most trajectories have not been
+    trained on yet, so their loss changes are the response to early training."""
+    from lark_jax.selection import select
+    from lark_jax.selection.io import write_selection
+    from lark_jax.training.together import train_together
+
+    cfg = ctx.cfg
+    sel = select(ctx.table, "all", cfg.budget)
+    recs, mix = selection_records(ctx.table, sel, ctx.found)
+    data = ctx.out / "diagnostics" / "all.jsonl"
+    write_selection(data, recs, {"policy": "all", "purpose": "first-order fine-tune",
+                                 "steps": cfg.first_order_steps, "seed": cfg.seeds[0],
+                                 "n_records": len(recs), "teacher_mix": mix})
+    tc = _train_config(cfg, cfg.seeds[0], "record", cfg.first_order_steps)
+    with ctx.stage("train"), ctx.rep.bar(cfg.first_order_steps, "first-order fine-tune",
+                                         unit="step") as advance:
+        together = train_together(ctx.base, [data], [tc],
+                                  progress=lambda step, total: advance(1))
+    return together.student(0)
+
+
+def correlations(x: np.ndarray, ys: dict[str, np.ndarray], tokens: np.ndarray,
+                 teachers: np.ndarray) -> dict:
+    """Spearman(x, y) for each y of ``ys`` (1-D arrays over the same trajectories, NaN where
+    not measured): over every trajectory, the rank partial correlation given the length T
+    (``tokens``), and within each teacher; each with its bootstrap interval
+    (``stats.correlation_ci``)."""
+    out = {}
+    for name, y in ys.items():
+        if not np.isfinite(y).any():
+            continue
+        out[name] = {
+            "overall": correlation_ci(x, y),
+            "partial_given_tokens": correlation_ci(x, y, tokens),
+            "per_teacher": {t: correlation_ci(x[teachers == t], y[teachers == t])
+                            for t in TEACHERS if (teachers == t).any()},
+        }
+    return out
+
+
 def diagnostics(ctx: DemoContext) -> None:
-    """The paper's diagnostics (see ``pipeline`` for their definitions)."""
+    """The paper's diagnostics and the ones that can answer them (see ``pipeline`` and
+    docs/demo.md for their definitions)."""
     cfg, table = ctx.cfg, ctx.table
     g, rho, loss0, m = (table.fields["g_hat"], table.fields["rho"], table.fields["L"],
                         table.mask)
@@ -422,39 +500,66 @@ def diagnostics(ctx: DemoContext) -> None:
             step_acc_gain=h["step_acc"] - base["step_acc"],
             own_rate=math.log(base["teacher_loss"][t] / h["teacher_loss"][t]),
             final_train_loss=h["final_train_loss"])
+        if t in ctx.utility_solved:
+            solved = ctx.utility_solved[t]
+            per_teacher[t].update(
+                utility_acc=h["acc"], utility_acc_ci95=mean_ci(solved[None])["ci95"],
+                utility_acc_gain=h["acc"] - float(ctx.base_solved[0][:len(solved)].mean()))
     teachers = list(TEACHERS)
-    col = lambda k: [per_teacher[t].get(k, math.nan) for t in teachers]  # noqa: E731
+    col = lambda k: np.array([per_teacher[t].get(k, math.nan) for t in teachers])  # noqa: E731
     diag.update(per_teacher=per_teacher,
                 spearman_teacher_utility=spearman(col("lark_score"), col("utility")),
                 spearman_teacher_step_acc=spearman(col("lark_score"), col("step_acc_gain")),
-                spearman_teacher_rho_own_rate=spearman(col("rho"), col("own_rate")))
+                spearman_teacher_rho_own_rate=spearman(col("rho"), col("own_rate")),
+                teacher_correlations={
+                    "lark_score_vs_utility_acc": correlation_ci(col("lark_score"),
+                                                                col("utility_acc")),
+                    "lark_score_vs_utility_ref_loss": correlation_ci(col("lark_score"),
+                                                                     col("utility"))})
+    nan = np.full(m.shape, np.nan)
+    after = {"first_order": nan, "all": nan}
+    rate_mean = rate_sum = nan
     with ctx.stage("rescore"):
         if "all" in ctx.tuned:
-            # Per trajectory: the measured rate of loss decrease after fine-tuning on it all.
-            after = score_with(ctx, ctx.tuned["all"],
-                               ctx.out / "diagnostics" / "scores_after_all.json",
-                               "all-finetuned", "rescore pool")[0].fields["L"]
-            rate = np.log(loss0 / after)
-            diag["per_trajectory"] = {
-                "teacher": teacher_of[m].tolist(), "rho": rho[m].tolist(),
-                "g_hat": g[m].tolist(), "L_before": loss0[m].tolist(),
-                "L_after": after[m].tolist(), "rate": rate[m].tolist()}
-            diag["spearman_traj_rho_rate"] = spearman(rho[m], rate[m])
-            diag["spearman_traj_ghat_rate"] = spearman(g[m], rate[m])
+            # Per trajectory: the measured decrease after fine-tuning on the whole pool.
+            t2, rows = score_with(ctx, ctx.tuned["all"],
+                                  ctx.out / "diagnostics" / "scores_after_all.json",
+                                  "all-finetuned", "rescore pool")
+            after["all"] = _aligned(ctx, t2, rows, "L")
+        if cfg.first_order_steps:
+            t2, rows = score_with(ctx, first_order_student(ctx),
+                                  ctx.out / "diagnostics" / "scores_first_order.json",
+                                  "first-order", "rescore pool (first order)")
+            after["first_order"] = _aligned(ctx, t2, rows, "L")
         if cfg.gradient_check:
-            # The proxy ρ = Brier/L against the exact rate ‖∇θ L‖²/L of the same student, on
-            # the first problems of the pool (one backward pass per trajectory).
+            # The exact rates of the same student (one backward pass per trajectory), on
+            # the first problems of the pool.
             first = set(table.problem_ids[:cfg.gradient_check_problems].tolist())
             sub = ctx.out / "diagnostics" / "pool_gradient.jsonl"
             fsio.atomic_write(sub, "".join(line for r, line in zip(
                 ctx.task.pool, ctx.task.pool_lines(), strict=True) if r["problem_id"] in first))
             exact, rows = score_with(ctx, ctx.base, ctx.out / "diagnostics" /
                                      "scores_gradient.json", "demo-student", "gradient rates",
-                                     estimator="gradient", need=("rho",), pool=sub)
-            mk = exact.mask
-            proxy = rho[rows][mk]
-            diag["gradient_check"] = {"teacher": _teacher_grid(exact)[mk].tolist(),
-                                      "rho_proxy": proxy.tolist(),
-                                      "rho_gradient": exact.fields["rho"][mk].tolist()}
-            diag["spearman_rho_proxy_vs_gradient"] = spearman(proxy, exact.fields["rho"][mk])
+                                     estimator="gradient", need=("rate_mean", "rate_sum"),
+                                     pool=sub)
+            rate_mean = _aligned(ctx, exact, rows, "rate_mean")
+            rate_sum = _aligned(ctx, exact, rows, "rate_sum")
+    with ctx.stage("correlations"):
+        per_traj = {
+            "problem_id": np.broadcast_to(table.problem_ids[:, None], m.shape)[m],
+            "candidate_id": table.candidate_ids[m], "teacher": teacher_of[m],
+            **{f: table.fields[f][m] for f in ("tokens", "L", "Brier", "rho", "g_hat",
+                                               "correct")},
+            "L_first_order": after["first_order"][m], "L_all": after["all"][m],
+            "decrease_first_order": np.log(loss0 / after["first_order"])[m],
+            "decrease_all": np.log(loss0 / after["all"])[m],
+            "rate_mean": rate_mean[m], "rate_sum": rate_sum[m]}
+        diag["per_trajectory"] = per_traj
+        diag["correlations"] = correlations(per_traj["rho"],
+                                            {f"rho_vs_{y}": per_traj[y] for y in TARGETS},
+                                            per_traj["tokens"], per_traj["teacher"])
+        diag["spearman_traj_rho_rate"] = spearman(per_traj["rho"], per_traj["decrease_all"])
+        diag["spearman_traj_ghat_rate"] = spearman(per_traj["g_hat"], per_traj["decrease_all"])
+        diag["spearman_rho_proxy_vs_gradient"] = spearman(per_traj["rho"],
+                                                          per_traj["rate_mean"])
     ctx.diagnostics = diag
