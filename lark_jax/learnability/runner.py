@@ -92,10 +92,15 @@ class ScoreConfig:
 class Sidecar:
     """Append-only JSONL of finished rows; the first line records the run's settings."""
 
-    def __init__(self, path: Path, header: dict, resume: bool):
+    def __init__(self, path: Path, header: dict, resume: bool, keep_rows: bool = True):
+        """``keep_rows=False`` (a parquet output, built from the file at the end): rows are
+        counted and their keys kept, not the rows themselves."""
         self.path = path = fsio.refuse_link(path)
+        self.keep_rows = keep_rows
         self.rows: list[dict] = []
         self.skipped: list[dict] = []
+        self.n_rows = self.n_skipped = 0
+        self.keys: set[tuple[int, int]] = set()
         self.created = not path.exists()
         if path.exists() and not resume:
             raise LarkError("a partial run exists here; pass --resume to continue it or delete "
@@ -122,14 +127,25 @@ class Sidecar:
                              "it or rerun with the same options")
         for ln in good[1:]:
             row = json.loads(ln)
-            (self.skipped if row.get("skipped") else self.rows).append(row)
+            self._keep(row)
+            if not self.keep_rows:  # what --resume skips (new rows need no key)
+                self.keys.add((row["problem_id"], row["candidate_id"]))
+
+    def _keep(self, row: dict) -> None:
+        skipped = bool(row.get("skipped"))
+        self.n_skipped += skipped
+        self.n_rows += not skipped
+        if self.keep_rows:
+            (self.skipped if skipped else self.rows).append(row)
 
     def done_keys(self) -> set[tuple[int, int]]:
+        if not self.keep_rows:
+            return set(self.keys)
         return {(r["problem_id"], r["candidate_id"]) for r in self.rows + self.skipped}
 
     def append(self, rows: list[dict]) -> None:
         for r in rows:
-            (self.skipped if r.get("skipped") else self.rows).append(r)
+            self._keep(r)
             self._f.write(json.dumps(r) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
@@ -345,8 +361,9 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
         if any(d.process_index != proc for d in np.asarray(student.mesh.devices).flat):
             raise LarkError("multi-host scoring needs the student on this process's devices: "
                             "load_student(..., mesh=make_mesh(devices=jax.local_devices()))")
-    sidecar = Sidecar(_sidecar_path(out, proc, n_proc), header, resume)
-    n_resumed = len(sidecar.rows) + len(sidecar.skipped)
+    as_parquet = out.suffix.lower() == ".parquet"
+    sidecar = Sidecar(_sidecar_path(out, proc, n_proc), header, resume, keep_rows=not as_parquet)
+    n_resumed = sidecar.n_rows + sidecar.n_skipped
     graphdef, state = nnx.split(student.model)
     mesh = student.mesh
     top_k = min(cfg.top_k, student.config.vocab_size)  # a tiny vocabulary may have fewer than K
@@ -375,6 +392,28 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
             else:
                 loop.submit(batch, recs)
         loop.flush()
+        filters = None
+        if header.get("pool_options"):
+            filters = {"options": header["pool_options"], "dropped": counts.as_dict()}
+        if as_parquet:
+            sidecar.close()
+            barrier_if(n_proc, "lark_jax_score_rows_done")
+            if proc != 0:
+                barrier("lark_jax_score_written")
+                sidecar.path.unlink(missing_ok=True)
+                return ScoreSummary(0, sidecar.n_rows, sidecar.n_skipped, n_resumed,
+                                    writer.tokens, writer.padded, time.perf_counter() - t0,
+                                    str(out))
+            paths = [_sidecar_path(out, p, n_proc) for p in range(n_proc)]
+            problems, n_rows, n_skipped = write_scores_parquet(
+                out, paths, _scores_header(cfg, name, filters), cfg.brier, cfg.estimator)
+            if n_proc > 1:
+                barrier("lark_jax_score_written")
+                for path in paths[1:]:
+                    path.unlink(missing_ok=True)
+            sidecar.path.unlink(missing_ok=True)
+            return ScoreSummary(problems, n_rows, n_skipped, n_resumed, writer.tokens,
+                                writer.padded, time.perf_counter() - t0, str(out))
         rows, skipped = sidecar.rows, sidecar.skipped
         if n_proc > 1:  # stage 5: process 0 merges every process's sidecar
             rows, skipped = _gather_sidecars(out, n_proc)
@@ -385,9 +424,6 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
                 return ScoreSummary(0, len(sidecar.rows), len(sidecar.skipped), n_resumed,
                                     writer.tokens, writer.padded, time.perf_counter() - t0,
                                     str(out))
-        filters = None
-        if header.get("pool_options"):
-            filters = {"options": header["pool_options"], "dropped": counts.as_dict()}
         problems = _write_scores(out, rows, skipped, cfg, name, filters)
         if n_proc > 1:
             barrier("lark_jax_score_written")
@@ -402,7 +438,7 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
                     loop.flush()
         finally:
             # A run that failed before finishing any row leaves nothing behind.
-            sidecar.close(remove=sidecar.created and not (sidecar.rows or sidecar.skipped))
+            sidecar.close(remove=sidecar.created and not (sidecar.n_rows or sidecar.n_skipped))
         raise
     sidecar.close(remove=True)
     return ScoreSummary(problems, len(rows), len(skipped), n_resumed, writer.tokens,
@@ -421,15 +457,114 @@ def _write_scores(out: Path, rows: list[dict], skipped: list[dict], cfg: ScoreCo
     Without filters it is exactly the reference's layout (plus lark-jax's fields)."""
     scores = build_scores(rows, cfg.brier, cfg.estimator)
     problems = {r["problem_id"] for r in rows} | {r["problem_id"] for r in skipped}
+    head = _scores_header(cfg, name, None)
     fsio.atomic_json(out, {
-        "method": "lark_ghat", "student_model": str(name), "top_k": cfg.top_k,
-        "brier": cfg.brier, "estimator": cfg.estimator, "max_length": cfg.max_length,
-        "compat": cfg.compat or "exact",
-        "n_problems": len(problems), "n_scored": len(rows), "n_skipped": len(skipped),
+        **head, "n_problems": len(problems), "n_scored": len(rows), "n_skipped": len(skipped),
         **({"pool_filters": filters} if filters else {}),
         "scores": scores,
     })
     return len(problems)
+
+
+def _scores_header(cfg: ScoreConfig, name, filters: dict | None) -> dict:
+    return {"method": "lark_ghat", "student_model": str(name), "top_k": cfg.top_k,
+            "brier": cfg.brier, "estimator": cfg.estimator, "max_length": cfg.max_length,
+            "compat": cfg.compat or "exact", **({"pool_filters": filters} if filters else {})}
+
+
+def barrier_if(n_proc: int, name: str) -> None:
+    if n_proc > 1:
+        barrier(name)
+
+
+def _sidecar_rows(paths: list[Path]) -> Iterator[dict]:
+    for path in paths:
+        with open(path, "rb") as f:
+            next(f, None)  # the settings line
+            for ln in f:
+                if ln.strip():
+                    yield json.loads(ln)
+
+
+SCORES_PARQUET_BATCH = 65_536
+# Where the scores JSON's other fields go in a parquet file's metadata; the reader,
+# selection.scores_stream (a unit beside this one, so it cannot import it), names it too.
+HEADER_KEY = b"lark_jax.scores_header"
+
+
+def write_scores_parquet(out: Path, paths: list[Path], header: dict, brier: str,
+                         estimator: str) -> tuple[int, int, int]:
+    """The scores as parquet, one candidate a row, from the sidecar files, without holding
+    their rows: pass 1 keeps (problem, pool line, candidate, L, ρ) as numbers and computes
+    every ĝ per problem in the JSON's order (so the values are the JSON's, bit for bit);
+    pass 2 streams the rows again into row groups. Rows come in scoring order; the JSON's
+    other fields go into the file's metadata (``selection.scores_stream.HEADER_KEY``).
+    Returns (problems, rows, skipped)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lark_jax.learnability.scores import g_hat, trajectory_stats
+
+    cols = {k: [] for k in ("pid", "line", "cid", "L", "rho")}
+    skipped_pids: list[int] = []
+    for row in _sidecar_rows(paths):
+        if row.get("skipped"):
+            skipped_pids.append(row["problem_id"])
+            continue
+        st = trajectory_stats(row, brier, estimator)
+        for k, v in zip(cols, (row["problem_id"], st.get("pool_line", -1), st["candidate_id"],
+                               st["L"], st["rho"]), strict=True):
+            cols[k].append(v)
+    pid, line, cid = (np.array(cols[k], np.int64) for k in ("pid", "line", "cid"))
+    loss, rho = np.array(cols["L"], np.float64), np.array(cols["rho"], np.float64)
+    del cols
+    n_rows = len(pid)
+    order = np.lexsort((cid, line, pid))  # build_scores' order: problem, pool line, candidate
+    ghat_sorted = np.empty(n_rows)
+    uniq, start = np.unique(pid[order], return_index=True)
+    bounds = np.r_[start, n_rows]
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        idx = order[a:b]
+        ghat_sorted[a:b] = g_hat(loss[idx], rho[idx])
+    ghat = np.empty(n_rows)
+    ghat[order] = ghat_sorted
+    del loss, rho, line, cid, order, ghat_sorted
+    n_problems = len(np.union1d(uniq, np.array(skipped_pids, np.int64)))
+    meta = {**header, "n_problems": n_problems, "n_scored": n_rows,
+            "n_skipped": len(skipped_pids)}
+
+    writer, batch, i = None, [], 0
+    kinds = {"problem_id": pa.int64(), "candidate_id": pa.int64(), "pool_line": pa.int64(),
+             "tokens": pa.int64(), "teacher": pa.string(), "source_id": pa.string()}
+
+    def flush():
+        nonlocal writer
+        if writer is None:  # the columns of the first row, typed (later batches may differ)
+            names = list(batch[0]) if batch else ["problem_id", "candidate_id", "teacher",
+                                                  "pool_line", "g_hat"]
+            schema = pa.schema([(k, kinds.get(k, pa.float64())) for k in names],
+                               metadata={HEADER_KEY: json.dumps(meta)})
+            writer = pq.ParquetWriter(f, schema)
+        writer.write_table(pa.Table.from_pylist(batch, schema=writer.schema))
+        batch.clear()
+
+    with fsio.atomic_file(out, binary=True) as f:
+        try:
+            for row in _sidecar_rows(paths):
+                if row.get("skipped"):
+                    continue
+                st = trajectory_stats(row, brier, estimator)
+                batch.append({"problem_id": row["problem_id"], **st, "g_hat": float(ghat[i]),
+                              **({} if "source_id" in st else {"source_id": None})})
+                i += 1
+                if len(batch) >= SCORES_PARQUET_BATCH:
+                    flush()
+            if batch or writer is None:
+                flush()
+        finally:
+            if writer is not None:
+                writer.close()
+    return n_problems, n_rows, len(skipped_pids)
 
 
 def _sidecar_path(out: Path, proc: int, n_proc: int) -> Path:

@@ -54,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="mirror descent: KKT residual to stop at (default 1e-10)")
     p.add_argument("--max-iters", type=int, default=200,
                    help="mirror descent: step limit per problem (default 200)")
+    p.add_argument("--in-memory", action="store_true",
+                   help="hold the scores table whole instead of streaming scores and pool "
+                        "in partitions (the global mode and the cross-problem controls "
+                        "always do); the output is the same")
 
 
 def _check(args) -> str:
@@ -82,10 +86,92 @@ def _check(args) -> str:
     return solver
 
 
+# Policies that decide each problem from its own candidates: select streams them
+# (selection.stream). The others compare problems or teachers across the pool.
+PER_PROBLEM = ("lark", "random", "all", "min-loss", "max-loss", "rsr", "shortest", "longest",
+               "verified")
+
+
+def _manifest(args, solver_name, policy, mode, tie_order, options, header, counts, info,
+              train_scale) -> dict:
+    return {
+        "format": "lark-jax selection manifest v1",
+        "policy": policy,
+        "mode": mode,
+        "budget": args.budget,
+        "global_budget": args.global_budget,
+        "solver": solver_name,
+        "tau": args.tau if args.tau is not None else ("implied" if policy == "lark"
+                                                      else None),
+        "seed": args.seed,
+        "tie_order": ("equal scores: the candidate earlier in the pool file first "
+                      f"(taken from: {tie_order})" if args.policy == "lark"
+                      else "equal scores: lower candidate_id first"),
+        "scores": os.fspath(args.scores),
+        "pool": os.fspath(args.pool),
+        "out": os.fspath(args.out),
+        **counts,
+        "pool_options": options.describe(),
+        "pool_filters": header.get("pool_filters"),
+        "train_weight_scale": train_scale,
+        "info": info,
+        "lark_jax_version": __version__,
+        "python": platform.python_version(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _summary(rep, args, t0, n_records, n_selected, n_problems, policy, solver_name, mode,
+             info) -> None:
+    mode = (f"global budget {args.global_budget}" if mode == "global"
+            else f"budget {args.budget}")
+    how = f", {solver_name}" if policy == "lark" else ""
+    unconverged = info.get("solver", {}).get("unconverged", 0)
+    if unconverged:
+        how += f", {unconverged} problem(s) short of the KKT tolerance: raise --max-iters"
+    rep.summary(f"selected {n_records} trajectories of {n_selected}/{n_problems} problems "
+                f"({policy}{how}, {mode}) in {time.perf_counter() - t0:.1f}s -> {args.out}")
+
+
+def _run_streaming(args, rep: Reporter, solver: str, optional, t0: float) -> None:
+    from lark_jax.selection.stream import select_streaming
+
+    options = pool_options(args)
+    bars = {}
+
+    def progress(stage):
+        bars[stage] = rep.bar(None, stage, unit="rec")
+        return bars[stage].__enter__()
+
+    def manifest(r):
+        counts = {"n_problems": r.n_problems, "n_problems_empty": r.n_empty,
+                  "n_candidates": r.n_candidates, "n_pool_records_unscored": r.unscored,
+                  "n_records": r.n_records, "n_problems_selected": r.n_problems_selected,
+                  "selected_tokens": r.selected_tokens,
+                  "train_weight_sum": r.train_weight_sum}
+        return _manifest(args, r.solver, r.policy, "per-problem", r.tie_order, options,
+                         r.header, counts, r.info, r.train_scale)
+
+    try:
+        r = select_streaming(
+            args.scores, args.pool, args.out, manifest, policy=args.policy,
+            budget=args.budget, need=needed_fields(args.policy), optional=optional,
+            options=options, progress=progress,
+            select_kwargs=dict(solver=solver, tau=args.tau, seed=args.seed, tol=args.tol,
+                               max_iters=args.max_iters))
+    finally:
+        for b in bars.values():
+            b.__exit__(None, None, None)
+    _summary(rep, args, t0, r.n_records, r.n_problems_selected, r.n_problems, r.policy,
+             r.solver, "per-problem", r.info)
+
+
 def run(args, rep: Reporter) -> None:
     t0 = time.perf_counter()
     solver = _check(args)
     optional = ("tokens",) if args.policy == "lark" else ("tokens", "g_hat")
+    if args.policy in PER_PROBLEM and args.global_budget is None and not args.in_memory:
+        return _run_streaming(args, rep, solver, optional, t0)
     table = load_scores(args.scores, need=needed_fields(args.policy), optional=optional)
     rep.info(f"{table.n_problems} problems, {table.n_candidates} scored candidates")
     sel = select(table, args.policy, args.budget, solver=solver, tau=args.tau,
@@ -138,45 +224,12 @@ def run(args, rep: Reporter) -> None:
     tokens = table.fields.get("tokens")
     selected_tokens = int(np.nansum(np.where(sel.chosen, tokens, 0))) if tokens is not None \
         else None
-    manifest = {
-        "format": "lark-jax selection manifest v1",
-        "policy": sel.policy,
-        "mode": sel.mode,
-        "budget": args.budget,
-        "global_budget": args.global_budget,
-        "solver": sel.solver,
-        "tau": args.tau if args.tau is not None else ("implied" if sel.policy == "lark"
-                                                      else None),
-        "seed": args.seed,
-        "tie_order": ("equal scores: the candidate earlier in the pool file first "
-                      f"(taken from: {tie_order})" if args.policy == "lark"
-                      else "equal scores: lower candidate_id first"),
-        "scores": os.fspath(args.scores),
-        "pool": os.fspath(args.pool),
-        "out": os.fspath(args.out),
-        "n_problems": table.n_problems,
-        "n_problems_empty": table.n_empty,
-        "n_candidates": table.n_candidates,
-        "n_pool_records_unscored": unscored,
-        "pool_options": options.describe(),
-        "pool_filters": table.header.get("pool_filters"),
-        "n_records": len(pids),
-        "n_problems_selected": int(sel.chosen.any(-1).sum()),
-        "selected_tokens": selected_tokens,
-        "train_weight_scale": sel.train_scale,
-        "train_weight_sum": float(train_w.sum()),
-        "info": sel.info,
-        "lark_jax_version": __version__,
-        "python": platform.python_version(),
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
+    counts = {"n_problems": table.n_problems, "n_problems_empty": table.n_empty,
+              "n_candidates": table.n_candidates, "n_pool_records_unscored": unscored,
+              "n_records": len(pids), "n_problems_selected": int(sel.chosen.any(-1).sum()),
+              "selected_tokens": selected_tokens, "train_weight_sum": float(train_w.sum())}
+    manifest = _manifest(args, sel.solver, sel.policy, sel.mode, tie_order, options,
+                         table.header, counts, sel.info, sel.train_scale)
     write_selection(args.out, records(), manifest)
-    mode = (f"global budget {args.global_budget}" if sel.mode == "global"
-            else f"budget {args.budget}")
-    how = f", {sel.solver}" if sel.policy == "lark" else ""
-    unconverged = sel.info.get("solver", {}).get("unconverged", 0)
-    if unconverged:
-        how += f", {unconverged} problem(s) short of the KKT tolerance: raise --max-iters"
-    rep.summary(f"selected {len(pids)} trajectories of {manifest['n_problems_selected']}/"
-                f"{table.n_problems} problems ({sel.policy}{how}, {mode}) in "
-                f"{time.perf_counter() - t0:.1f}s -> {args.out}")
+    _summary(rep, args, t0, len(pids), counts["n_problems_selected"], table.n_problems,
+             sel.policy, sel.solver, sel.mode, sel.info)

@@ -50,6 +50,52 @@ def _number(x, field: str, where: str) -> float:
     return float(x)
 
 
+def parse_problem(key, rows, *, need: Sequence[str] = (), optional: Sequence[str] = (),
+                  source: str = "scores") -> tuple[int, list[dict]]:
+    """Validate one problem of a scores file: ``(problem_id, rows)``, each row a dict with
+    ``candidate_id``, ``teacher``, ``_pos`` (its place in the list), ``_line`` (its
+    ``pool_line`` or None) and the numeric fields in ``need`` (required) and ``optional``
+    (where present), sorted by candidate id. Raises :class:`LarkError` naming ``source``,
+    the problem and the row."""
+    try:
+        pid = key if _is_int(key) else int(str(key).strip())
+    except ValueError:
+        raise LarkError(f"problem id {key!r} is not an integer", where=source) from None
+    where = f"{source} (problem {pid})"
+    if not isinstance(rows, list):
+        raise LarkError("expected a list of candidate rows", where=where)
+    out = []
+    cids: set[int] = set()
+    for i, row in enumerate(rows):
+        w = f"{where}, row {i}"
+        if not isinstance(row, dict):
+            raise LarkError("expected a JSON object", where=w)
+        cid = row.get("candidate_id")
+        if not _is_int(cid):
+            raise LarkError("missing or non-integer 'candidate_id'", where=w)
+        if cid < 0:
+            raise LarkError(f"negative candidate_id {cid}", where=w)
+        if cid in cids:
+            raise LarkError(f"duplicate candidate_id {cid}", where=w)
+        cids.add(cid)
+        teacher = row.get("teacher", "")
+        if not isinstance(teacher, str):
+            raise LarkError(f"field 'teacher' must be a string, got {teacher!r}", where=w)
+        line = row.get("pool_line")
+        vals = {"candidate_id": cid, "teacher": teacher, "_pos": i,
+                "_line": line if _is_int(line) else None}
+        for f in need:
+            if f not in row:
+                raise LarkError(f"missing field {f!r} (needed by this policy)", where=w)
+            vals[f] = _number(row[f], f, w)
+        for f in optional:
+            if f in row and f not in vals:
+                vals[f] = _number(row[f], f, w)
+        out.append(vals)
+    out.sort(key=lambda r: r["candidate_id"])
+    return pid, out
+
+
 @dataclasses.dataclass
 class ScoreTable:
     """Per-candidate scores of a pool, padded to ``[N, Kmax]`` (see the module docstring)."""
@@ -95,50 +141,13 @@ class ScoreTable:
         seen_pids: set[int] = set()
         n_empty = 0
         for key, rows in problems.items():
-            try:
-                pid = key if _is_int(key) else int(str(key).strip())
-            except ValueError:
-                raise LarkError(f"problem id {key!r} is not an integer", where=source) from None
-            where = f"{source} (problem {pid})"
+            pid, out = parse_problem(key, rows, need=need, optional=optional, source=source)
             if pid in seen_pids:
-                raise LarkError("problem listed twice", where=where)
+                raise LarkError("problem listed twice", where=f"{source} (problem {pid})")
             seen_pids.add(pid)
-            if not isinstance(rows, list):
-                raise LarkError("expected a list of candidate rows", where=where)
-            if not rows:
+            if not out:
                 n_empty += 1
                 continue
-            out = []
-            cids: set[int] = set()
-            for i, row in enumerate(rows):
-                w = f"{where}, row {i}"
-                if not isinstance(row, dict):
-                    raise LarkError("expected a JSON object", where=w)
-                cid = row.get("candidate_id")
-                if not _is_int(cid):
-                    raise LarkError("missing or non-integer 'candidate_id'", where=w)
-                if cid < 0:
-                    raise LarkError(f"negative candidate_id {cid}", where=w)
-                if cid in cids:
-                    raise LarkError(f"duplicate candidate_id {cid}", where=w)
-                cids.add(cid)
-                teacher = row.get("teacher", "")
-                if not isinstance(teacher, str):
-                    raise LarkError(f"field 'teacher' must be a string, got {teacher!r}",
-                                    where=w)
-                line = row.get("pool_line")
-                vals = {"candidate_id": cid, "teacher": teacher, "_pos": i,
-                        "_line": line if _is_int(line) else None}
-                for f in need:
-                    if f not in row:
-                        raise LarkError(f"missing field {f!r} (needed by this policy)",
-                                        where=w)
-                    vals[f] = _number(row[f], f, w)
-                for f in optional:
-                    if f in row and f not in vals:
-                        vals[f] = _number(row[f], f, w)
-                out.append(vals)
-            out.sort(key=lambda r: r["candidate_id"])
             parsed.append((pid, out))
         if not parsed:
             raise LarkError("no scored candidates", where=source)
@@ -167,10 +176,22 @@ class ScoreTable:
 
 def load_scores(path: str | os.PathLike, *, need: Sequence[str] = (),
                 optional: Sequence[str] = ("tokens",)) -> ScoreTable:
-    """Read and validate a scores JSON file (see :meth:`ScoreTable.from_problems`)."""
+    """Read and validate a scores file, JSON or (by suffix) parquet, whole (see
+    :meth:`ScoreTable.from_problems`; ``select`` streams it instead where it can)."""
     path = Path(path)
     if not path.is_file():
         raise LarkError("scores file not found", where=str(path))
+    if path.suffix.lower() == ".parquet":
+        from lark_jax.selection.scores_stream import read_parquet_scores
+
+        header: dict = {}
+        problems: dict = {}
+        for pid, rows, _ in read_parquet_scores(path, header):
+            problems.setdefault(pid, []).extend(rows)
+        table = ScoreTable.from_problems(problems, need=need, optional=optional,
+                                         source=str(path))
+        table.header = header
+        return table
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
@@ -283,37 +304,71 @@ def manifest_path(out: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(out)}.manifest.json")
 
 
-# The columns of a parquet selection beside ``messages``: each record's meta fields.
-SELECTION_COLUMNS = ("problem_id", "candidate_id", "teacher", "policy", "budget", "score",
-                     "train_weight", "source_id")
+# The columns of a parquet selection beside ``messages``: each record's meta fields, with
+# their Arrow types (fixed, so that every row group of a large selection agrees).
+SELECTION_COLUMNS = {"problem_id": "int64", "candidate_id": "int64", "teacher": "string",
+                     "policy": "string", "budget": "int64", "score": "float64",
+                     "train_weight": "float64", "source_id": "string"}
+PARQUET_BATCH = 50_000  # records per row group
 
 
-def selection_table(records: Iterable[dict]):
+def selection_table(records: Iterable[dict], messages_type=None):
     """The records as an Arrow table: ``messages`` and one column per SELECTION_COLUMNS
-    field (null where a record has none; a column no record has is left out)."""
+    field (null where a record has none)."""
     import pyarrow as pa
 
     recs = list(records)
-    cols = {"messages": [r["messages"] for r in recs]}
-    for k in SELECTION_COLUMNS:
-        values = [r.get("meta", {}).get(k) for r in recs]
-        if any(v is not None for v in values):
-            cols[k] = values
+    cols = {"messages": pa.array([r["messages"] for r in recs], type=messages_type)}
+    for k, t in SELECTION_COLUMNS.items():
+        cols[k] = pa.array([r.get("meta", {}).get(k) for r in recs], type=t)
     return pa.table(cols)
 
 
-def write_selection(out: str | os.PathLike, records: Iterable[dict], manifest: dict) -> Path:
+def _write_parquet(f, records: Iterable[dict]) -> None:
+    """Row groups of PARQUET_BATCH records, streamed (never the whole selection)."""
+    import pyarrow.parquet as pq
+
+    writer, batch = None, []
+
+    def flush():
+        nonlocal writer
+        if writer is None:
+            table = selection_table(batch)
+            writer = pq.ParquetWriter(f, table.schema)
+        else:
+            table = selection_table(batch, writer.schema.field("messages").type)
+        writer.write_table(table)
+        batch.clear()
+
+    try:
+        for r in records:
+            batch.append(r)
+            if len(batch) >= PARQUET_BATCH:
+                flush()
+        if batch or writer is None:
+            flush()
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def write_selection(out: str | os.PathLike, records: Iterable[dict] | None, manifest: dict,
+                    lines: Iterable[bytes] | None = None) -> Path:
     """Write the records (JSONL, or parquet when ``out`` ends in .parquet) and then the
-    manifest, each atomically; returns the manifest."""
+    manifest, each atomically; returns the manifest. ``lines``, instead of ``records``:
+    the records already as JSON lines (bytes, each ending in a newline)."""
     out, mpath = fsio.refuse_link(out), fsio.refuse_link(manifest_path(out))
     if out.is_dir():
         raise LarkError("output path is a directory", where=str(out))
+    if lines is not None:
+        records = (json.loads(x) for x in lines) if out.suffix.lower() == ".parquet" else None
     try:
         if out.suffix.lower() == ".parquet":
-            import pyarrow.parquet as pq
-
             with fsio.atomic_file(out, binary=True) as f:
-                pq.write_table(selection_table(records), f)
+                _write_parquet(f, records)
+        elif lines is not None:
+            with fsio.atomic_file(out, binary=True) as f:
+                f.writelines(lines)
         else:
             with fsio.atomic_file(out) as f:
                 f.writelines(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n"
