@@ -9,11 +9,10 @@ import sys
 
 import jax
 import pytest
+from conftest import write_pool
 
 from lark_jax import compile_cache as cc
 from lark_jax.cli import main as cli_main
-
-from conftest import write_pool
 
 # A fresh process runs the real CLI and reports JAX's compilation-cache events (JAX records
 # one per cache hit, and one per executable written).
