@@ -32,13 +32,14 @@ def trajectory(rng: random.Random, pid: int, k: int) -> str:
     return " ".join(f"step{(pid + k + i) % 97}" for i in range(words)) + f" \\boxed{{{pid % 50}}}"
 
 
-def build(work: Path, n: int, k: int) -> dict[str, Path]:
+def build(work: Path, n: int, k: int, layouts=("jsonl", "trajectory parquet",
+                                                 "problem parquet")) -> dict[str, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     paths = {"jsonl": work / "pool.jsonl", "trajectory parquet": work / "traj.parquet",
              "problem parquet": work / "problems.parquet", "scores": work / "scores.json"}
-    if all(p.exists() for p in paths.values()):
+    if all(paths[x].exists() for x in (*layouts, "scores")):
         return paths
     rng = random.Random(0)
     batch = 20_000
@@ -55,8 +56,10 @@ def build(work: Path, n: int, k: int) -> dict[str, Path]:
                 rows = []
                 for c, g in enumerate(gens):
                     msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": g}]
-                    f.write(json.dumps({"problem_id": pid, "candidate_id": c,
-                                        "teacher": TEACHERS[c % 5], "messages": msgs}) + "\n")
+                    if "jsonl" in layouts:
+                        f.write(json.dumps({"problem_id": pid, "candidate_id": c,
+                                            "teacher": TEACHERS[c % 5], "messages": msgs})
+                                + "\n")
                     for key, v in zip(traj, (pid, c, TEACHERS[c % 5], msgs), strict=True):
                         traj[key].append(v)
                     loss = rng.uniform(0.2, 2.0)
@@ -70,14 +73,16 @@ def build(work: Path, n: int, k: int) -> dict[str, Path]:
                                   strict=True):
                     prob[key].append(v)
             t_traj, t_prob = pa.table(traj), pa.table(prob)
-            traj_writer = traj_writer or pq.ParquetWriter(paths["trajectory parquet"],
-                                                          t_traj.schema)
+            if "trajectory parquet" in layouts:
+                traj_writer = traj_writer or pq.ParquetWriter(paths["trajectory parquet"],
+                                                              t_traj.schema)
+                traj_writer.write_table(t_traj)
             prob_writer = prob_writer or pq.ParquetWriter(paths["problem parquet"],
                                                           t_prob.schema)
-            traj_writer.write_table(t_traj)
             prob_writer.write_table(t_prob)
         sf.write("}}\n")
-    traj_writer.close()
+    if traj_writer is not None:
+        traj_writer.close()
     prob_writer.close()
     return paths
 
@@ -107,31 +112,39 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--work", default="/tmp/lark-pool-io")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--layouts", default="jsonl,trajectory parquet,problem parquet",
+                    help="comma-separated layouts to time (all are built)")
+    ap.add_argument("--in-memory", action="store_true",
+                    help="also time select --in-memory (the whole-table path) side by side")
     args = ap.parse_args(argv)
     work = Path(args.work) / f"{args.problems}x{args.k}"
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    paths = build(work, args.problems, args.k)
+    paths = build(work, args.problems, args.k, args.layouts.split(","))
     print(f"pool of {args.problems * args.k:,} trajectories ready in "
           f"{time.perf_counter() - t0:.0f}s ({paths['jsonl'].stat().st_size / 1e6:.0f} MB JSONL)")
     rows = []
-    for layout in ("jsonl", "trajectory parquet", "problem parquet"):
+    for layout in args.layouts.split(","):
         out = subprocess.run([sys.executable, "-c", READ, str(paths[layout])],
                              capture_output=True, text=True, check=True).stdout.split()
         n, dt, rss = int(out[0]), float(out[1]), int(out[2])
-        sel = work / f"sel-{layout.replace(' ', '-')}.jsonl"
-        t = time.perf_counter()
-        sel_rss = int(subprocess.run(
-            [sys.executable, "-c", SELECT, "select", "-q", "--scores", str(paths["scores"]),
-             "--pool", str(paths[layout]), "--out", str(sel)],
-            capture_output=True, text=True, check=True).stdout.split()[-1])
-        sel_s = time.perf_counter() - t
         row = {"layout": layout, "trajectories": n, "read_s": dt, "read_traj_per_s": n / dt,
-               "read_peak_rss_mb": rss / 1024, "select_s": sel_s,
-               "select_peak_rss_mb": sel_rss / 1024}
+               "read_peak_rss_mb": rss / 1024}
+        modes = [("select", ())] + ([("select_in_memory", ("--in-memory",))]
+                                    if args.in_memory else [])
+        for name, extra in modes:
+            sel = work / f"sel-{layout.replace(' ', '-')}.jsonl"
+            t = time.perf_counter()
+            sel_rss = int(subprocess.run(
+                [sys.executable, "-c", SELECT, "select", "-q", "--scores", str(paths["scores"]),
+                 "--pool", str(paths[layout]), "--out", str(sel), *extra],
+                capture_output=True, text=True, check=True).stdout.split()[-1])
+            row[f"{name}_s"] = time.perf_counter() - t
+            row[f"{name}_peak_rss_mb"] = sel_rss / 1024
         rows.append(row)
         print(f"{layout:20s} read {n:,} in {dt:.1f}s ({n / dt:,.0f}/s, peak {rss / 1024:.0f} MB); "
-              f"select {sel_s:.1f}s (peak {sel_rss / 1024:.0f} MB)")
+              + "; ".join(f"{name} {row[name + '_s']:.1f}s (peak "
+                          f"{row[name + '_peak_rss_mb']:.0f} MB)" for name, _ in modes))
     res = {"machine": common.machine_info(), "args": vars(args), "rows": rows}
     print("->", common.save_results(f"pool_io{args.tag}", res))
 

@@ -133,7 +133,9 @@ def _add_score(p):
                         "save_to_disk directory, or hf://datasets/ORG/NAME[/CONFIG][@REV]")
     p.add_argument("--student", required=True,
                    help="HF-style student directory, or a Hub id ORG/NAME[@REV]")
-    p.add_argument("--out", required=True, help="scores JSON to write")
+    p.add_argument("--out", required=True,
+                   help="scores to write: the reference's JSON, or parquet (one candidate a "
+                        "row, built without holding the rows) when OUT ends in .parquet")
     p.add_argument("--top-k", type=int, default=50, help="K of the top-K Brier (reference: 50)")
     p.add_argument("--brier", default="topk", choices=["topk", "full"],
                    help="Brier used for rho: the reference's top-K renormalised, or exact")

@@ -220,3 +220,28 @@ def test_score_parquet_is_the_scores_json(hf_students, tmp_path):
         b, _ = select_files(tmp_path, pool, tmp_path / "s.parquet", "a.jsonl", *extra)
         assert a == b
     assert not list(tmp_path.glob("s.parquet.partial*"))
+
+
+def test_seen_keys_finds_every_repeat_as_a_set_would():
+    """The pool reader's compact duplicate check (data.reader.SeenKeys): a repeat is reported
+    (at the latest when its batch is merged, or at finish), never a key seen once."""
+    from lark_jax.data.reader import SeenKeys
+
+    rng = random.Random(0)
+    for _ in range(300):
+        keys = [(rng.randint(-5, 40) * (1 if rng.random() < 0.9 else 2 ** 54),
+                 rng.randint(0, 3)) for _ in range(60)]
+        first = next((i for i, k in enumerate(keys) if k in keys[:i]), None)
+        seen = SeenKeys(flush_at=rng.randint(1, 9))
+        got = None
+        try:
+            for i, k in enumerate(keys):
+                seen.add(k, str(i))
+            seen.finish()
+        except LarkError as e:
+            got = int(e.where)
+        assert (got is None) == (first is None)
+        if first is not None:  # a real repeat, not before the first one
+            assert got >= first and keys[got] in keys[:got]
+        else:
+            assert seen.sorted.tolist() == sorted(seen.sorted.tolist())
