@@ -245,3 +245,35 @@ def test_seen_keys_finds_every_repeat_as_a_set_would():
             assert got >= first and keys[got] in keys[:got]
         else:
             assert seen.sorted.tolist() == sorted(seen.sorted.tolist())
+
+
+def test_pool_verdicts_reach_the_scores_and_verified_selects_them(hf_students, tmp_path):
+    """An OpenR1-style pool's correctness_math_verify (parallel to the generations, with an
+    empty cell) becomes each score row's "correct" (1, 0, NaN), in the JSON and the parquet;
+    select --policy verified keeps only trajectories verified correct."""
+    d, _ = hf_students["qwen2_bias_tied"]
+    verdicts = [[True, False, None], [False, False], [None, True, True]]
+    rows = {"problem_id": [10, 11, 12], "problem": ["1+1?", "2+3?", "4+4?"],
+            "generations": [["2 \\boxed{2}", "3", "two"], ["6", "4"], ["8", "\\boxed{8}", "8!"]],
+            "correctness_math_verify": verdicts}
+    pool = tmp_path / "pool.parquet"
+    pq.write_table(pa.table(rows), pool)
+    student = lark_jax.load_student(d, mesh=one_device(), tokenizer=True)
+    cfg = ScoreConfig(row_length=256, batch_tokens=1024)
+    want = {(10 + i, k): (math.nan if v is None else float(v))
+            for i, vs in enumerate(verdicts) for k, v in enumerate(vs)}
+    for name in ("s.json", "s.parquet"):
+        score_pool(student, pool, tmp_path / name, cfg)
+        t = load_scores(tmp_path / name, need=("correct",))
+        got = {(int(p), int(c)): float(v) for i, p in enumerate(t.problem_ids)
+               for c, v, m in zip(t.candidate_ids[i], t.fields["correct"][i], t.mask[i],
+                                  strict=True) if m}
+        assert got.keys() == want.keys()
+        for key, v in want.items():
+            assert (math.isnan(v) and math.isnan(got[key])) or got[key] == v, key
+        for mem in ((), ("--in-memory",)):
+            out, _ = select_files(tmp_path, pool, tmp_path / name, "v.jsonl", "--policy",
+                                  "verified", "--budget", "2", *mem)
+            picked = {(json.loads(x)["meta"]["problem_id"], json.loads(x)["meta"]["candidate_id"])
+                      for x in out.decode().splitlines()}
+            assert picked == {k for k, v in want.items() if v == 1.0}

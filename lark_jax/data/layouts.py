@@ -27,13 +27,16 @@ from lark_jax.data.pool import Record, validate_record
 from lark_jax.errors import LarkError
 
 KEYS = ("messages", "conversations", "problem_id", "candidate_id", "teacher", "problem",
-        "generations", "teachers")
+        "generations", "teachers", "correct")
 # Column names each key is looked up under, in order (the first present wins).
 DEFAULT_NAMES = {
     "messages": ("messages",), "conversations": ("conversations",),
     "problem_id": ("problem_id", "id", "uuid"), "candidate_id": ("candidate_id",),
     "teacher": ("teacher", "model"), "problem": ("problem", "question", "prompt"),
     "generations": ("generations", "responses", "completions"), "teachers": ("teachers",),
+    # a verifier's verdict, per row or parallel to the generations: scores carry it as
+    # "correct" (1/0), for select --policy verified
+    "correct": ("correct", "is_correct", "correctness", "correctness_math_verify"),
 }
 LAYOUTS = ("auto", "trajectory", "problem")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",

@@ -29,6 +29,9 @@ class Record:
     line: int  # 1-based: the line of a JSONL pool, the trajectory's ordinal in other sources
     source_id: str | None = None  # the pool's own problem id when it is not an integer
     where: str = ""  # file:line or file:row N, for messages
+    # the pool's verifier verdict where it has a column for one (layouts "correct"): 1.0
+    # or 0.0, NaN for an empty cell; None when there is no such column
+    correct: float | None = None
 
     @property
     def key(self) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Iterator
 
 from lark_jax.data.filters import (
@@ -146,11 +147,18 @@ def iter_pool(source, options: PoolOptions | None = None, *, check_duplicates: b
         items = problem_records(rows, layout)
     seen = SeenKeys()
     contaminated: dict[int, bool] = {}
+    verdict = layout.column("correct")
     for rec, row, k in items:
         if check_duplicates:
             seen.add(rec.key, rec.where)
         if options.filters and not _keep(rec, row, k, layout, options, counts, contaminated):
             continue
+        if verdict is not None:
+            value = _value(rec, row, verdict, k, layout) if verdict in row else None
+            if value is not None and not isinstance(value, bool):
+                raise LarkError(f"column {verdict!r} must be true/false, got {value!r}",
+                                where=rec.where)
+            rec = dataclasses.replace(rec, correct=math.nan if value is None else float(value))
         yield rec
     if check_duplicates:
         seen.finish()

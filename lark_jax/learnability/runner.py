@@ -264,6 +264,8 @@ def batch_rows(batch: PackedBatch, recs: list[Record], sums, grads) -> list[dict
                "teacher": rec.teacher, "pool_line": rec.line}
         if rec.source_id is not None:  # the pool's own (non-integer) problem id
             row["source_id"] = rec.source_id
+        if rec.correct is not None:  # the pool's verifier verdict (select --policy verified)
+            row["correct"] = rec.correct
         row.update({k: float(x) for k, x in zip(STATS, sums[r, s], strict=True)})
         row["tokens"] = int(round(row["tokens"]))
         if grads is not None:

@@ -44,6 +44,8 @@ def trajectory_stats(row: dict, brier: str = "topk", estimator: str = "proxy") -
         out["pool_line"] = row["pool_line"]
     if "source_id" in row:  # the pool's own problem id (a uuid, ...)
         out["source_id"] = row["source_id"]
+    if "correct" in row:  # the pool's verifier verdict, 1 or 0
+        out["correct"] = row["correct"]
     if estimator == "gradient":
         # The exact rates of both losses: rate_mean = ‖∇θL‖²/L (the mean loss: the record
         # and reference objectives) and rate_sum = T·‖∇θL‖²/L = ‖∇θΣCE‖²/ΣCE (the summed
