@@ -237,8 +237,9 @@ def random_matched(table: ScoreTable, budget: int, seed: int = 0,
     key order, and each takes, in key order, its candidates whose stratum still has quota,
     up to b_n. Problems left short are then completed by augmenting paths (a short problem
     takes a candidate of stratum s₁, a problem holding s₁ gives it up for s₂, ..., until a
-    stratum with quota left; breadth-first over strata, fewest exchanges first), each
-    exchange taking the lowest-key free candidate and giving up the highest-key chosen one.
+    stratum with quota left; breadth-first over strata, fewest exchanges first; each
+    exchange is made by the lowest-key problem able to, taking its lowest-key free candidate
+    and giving up its highest-key chosen one).
     So each problem's picks are uniform among its candidates in the strata it may still
     use; the law over R is that of this randomised greedy, not uniform over all R. The
     choice is a pure function of (seed, the scores' set of rows); LARK's own ties follow
@@ -275,11 +276,15 @@ def random_matched(table: ScoreTable, budget: int, seed: int = 0,
                 got += 1
     short_after_greedy = int((need - chosen.sum(1)).sum())
     paths = 0
-    for i in np.flatnonzero(chosen.sum(1) < need).tolist():
-        while chosen[i].sum() < need[i] and _augment(i, chosen, strata, n_strata, keys, left):
-            paths += 1
+    short = np.flatnonzero(chosen.sum(1) < need)
+    if short.size:
+        state = _Exchange(chosen, strata, n_strata, keys, pkeys, left)
+        for i in short.tolist():
+            while chosen[i].sum() < need[i] and state.augment(i):
+                paths += 1
     shortfall = int((need - chosen.sum(1)).sum())
-    teach = teacher_grid(table)
+    stratum_teacher = np.array([t for t, _ in names] or [""], dtype=object)
+    teach = np.where(strata >= 0, stratum_teacher[np.maximum(strata, 0)], "")
     info: dict = {
         "seed": seed, "length_bins": bins if "tokens" in table.fields else 1,
         "strata": n_strata,
@@ -296,42 +301,68 @@ def random_matched(table: ScoreTable, budget: int, seed: int = 0,
     return chosen, info
 
 
-def _augment(i, chosen, strata, n_strata, keys, left) -> bool:
-    """One augmenting path from problem ``i`` (see :func:`random_matched`); False if none."""
-    real = strata >= 0
-    onehot = (strata[..., None] == np.arange(n_strata)) & real[..., None]  # [N, K, S]
-    holds = (onehot & chosen[..., None]).any(1)  # [N, S]: problem holds stratum s
-    free = (onehot & ~chosen[..., None]).any(1)  # [N, S]: has an unchosen candidate in s
-    parent: dict[int, tuple[int | None, int]] = {s: (None, i) for s in
-                                                 np.flatnonzero(free[i]).tolist()}
-    queue = list(parent)
-    end = None
-    while queue:
-        s = queue.pop(0)
-        if left[s] > 0:
-            end = s
-            break
-        users = np.flatnonzero(holds[:, s])
-        if users.size == 0:
-            continue
-        reach = free[users]  # [U, S]
-        for s2 in np.flatnonzero(reach.any(0)).tolist():
-            if s2 not in parent:
-                parent[s2] = (s, int(users[np.argmax(reach[:, s2])]))
-                queue.append(s2)
-    if end is None:
-        return False
-    left[end] -= 1
-    cur = end
-    while True:
-        prev, n = parent[cur]
-        take = np.flatnonzero(~chosen[n] & (strata[n] == cur))
-        chosen[n, take[np.argmin(keys[n, take])]] = True
-        if prev is None:
-            return True
-        give = np.flatnonzero(chosen[n] & (strata[n] == prev))
-        chosen[n, give[np.argmax(keys[n, give])]] = False
-        cur = prev
+class _Exchange:
+    """The state of :func:`random_matched`'s repair: ``held`` / ``free`` [N, S], each
+    problem's chosen / unchosen candidates per stratum, and ``pairs`` [S, S], how many
+    problems hold s and could take s' instead (the edges of the strata's exchange graph)."""
+
+    def __init__(self, chosen, strata, n_strata, keys, pkeys, left):
+        self.chosen, self.strata, self.keys, self.pkeys, self.left = (chosen, strata, keys,
+                                                                     pkeys, left)
+        n = chosen.shape[0]
+        rows = np.broadcast_to(np.arange(n)[:, None], chosen.shape)
+        real = strata >= 0
+        # Column-major: a path's step scans one stratum's column over every problem.
+        self.held = np.zeros((n, n_strata), np.int64, order="F")
+        self.free = np.zeros_like(self.held)
+        np.add.at(self.held, (rows[chosen], strata[chosen]), 1)
+        np.add.at(self.free, (rows[real & ~chosen], strata[real & ~chosen]), 1)
+        self.pairs = (self.held > 0).T.astype(np.int64) @ (self.free > 0).astype(np.int64)
+
+    def _move(self, n: int, take: int, give: int | None) -> None:
+        """Problem n takes its lowest-key free candidate of stratum ``take`` and gives up its
+        highest-key chosen one of ``give``."""
+        self.pairs -= np.outer(self.held[n] > 0, self.free[n] > 0)
+        row, strata = self.chosen[n], self.strata[n]
+        cand = np.flatnonzero(~row & (strata == take))
+        row[cand[np.argmin(self.keys[n, cand])]] = True
+        self.held[n, take] += 1
+        self.free[n, take] -= 1
+        if give is not None:
+            cand = np.flatnonzero(row & (strata == give))
+            row[cand[np.argmax(self.keys[n, cand])]] = False
+            self.held[n, give] -= 1
+            self.free[n, give] += 1
+        self.pairs += np.outer(self.held[n] > 0, self.free[n] > 0)
+
+    def augment(self, i: int) -> bool:
+        """One augmenting path from problem i; False if none. Breadth-first over strata:
+        from those i has a free candidate in, along exchange edges, to one with quota left.
+        Walking back from that end, each edge s -> s' is made by the lowest-key problem that
+        holds s and has s' free (one that did when the path was found still does: the walk
+        only frees candidates of s' before it needs them, and touches s after)."""
+        parent: dict[int, int | None] = {s: None for s in
+                                         np.flatnonzero(self.free[i] > 0).tolist()}
+        queue, end = list(parent), None
+        while queue:
+            s = queue.pop(0)
+            if self.left[s] > 0:
+                end = s
+                break
+            for s2 in np.flatnonzero(self.pairs[s] > 0).tolist():
+                if s2 not in parent:
+                    parent[s2] = s
+                    queue.append(s2)
+        if end is None:
+            return False
+        self.left[end] -= 1
+        cur = end
+        while (prev := parent[cur]) is not None:
+            ok = (self.held[:, prev] > 0) & (self.free[:, cur] > 0)
+            self._move(int(np.argmin(np.where(ok, self.pkeys, np.inf))), cur, prev)
+            cur = prev
+        self._move(i, cur, None)
+        return True
 
 
 def _counts(names) -> dict[str, int]:
