@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import mmap
 import tempfile
 from collections.abc import Callable, Sequence
@@ -109,6 +110,55 @@ class ScoresSpill:
     json: bool  # a JSON document (a problem listed twice is an error)
 
 
+_MISSING = object()
+
+
+def _fast_rows(key, rows, fields: list[str], need: set[str]):
+    """``parse_problem`` for the common case, without its per-row dicts (a third of the
+    scores pass): ``(pid, [(cid, teacher, position, pool_line, values)])``, a value
+    ``_MISSING`` where an optional field is absent. None for anything else (a string id
+    that is not plain digits, a bad row, a non-number): the caller then runs
+    ``parse_problem``, which accepts it or raises the error naming the row."""
+    if type(key) is int:
+        pid = key
+    elif type(key) is str and key.isdigit() and key.isascii():
+        pid = int(key)
+    else:
+        return None
+    if type(rows) is not list:
+        return None
+    out, seen = [], set()
+    for i, r in enumerate(rows):
+        if type(r) is not dict:
+            return None
+        cid = r.get("candidate_id")
+        if type(cid) is not int or cid < 0 or cid in seen:
+            return None
+        seen.add(cid)
+        teacher = r.get("teacher", "")
+        line = r.get("pool_line")
+        if type(teacher) is not str:
+            return None
+        vals = []
+        for f in fields:
+            if f not in r:
+                if f in need:
+                    return None
+                vals.append(_MISSING)
+                continue
+            v = r[f]
+            if type(v) is float:
+                vals.append(v)
+            elif type(v) is int:
+                vals.append(float(v))
+            elif v is None:
+                vals.append(math.nan)
+            else:
+                return None
+        out.append((cid, teacher, i, line if type(line) is int else None, vals))
+    return pid, out
+
+
 def spill_scores(path, root: Path, need: Sequence[str], optional: Sequence[str],
                  progress: Callable[[int], None] | None = None) -> ScoresSpill:
     """Pass 1: validate every problem of the scores file and spill its rows by problem."""
@@ -122,29 +172,30 @@ def spill_scores(path, root: Path, need: Sequence[str], optional: Sequence[str],
     parts = Partitions(root, "scores", dtype, n_parts)
     codes: dict[str, int] = {}
     missing = dict.fromkeys(fields, 0)
+    need_set = set(need)
     by_line, n_empty, n_rows, pos = True, 0, 0, 0
     buf: list[tuple] = []
     source = str(path)
     try:
         for key, rows, entry in problems:
-            pid, parsed = parse_problem(key, rows, need=need, optional=optional,
-                                        source=source)
+            fast = _fast_rows(key, rows, fields, need_set)
+            if fast is None:  # anything unusual: the full check (and its error message)
+                pid, parsed = parse_problem(key, rows, need=need, optional=optional,
+                                            source=source)
+                fast = pid, [(r["candidate_id"], r["teacher"], r["_pos"], r["_line"],
+                              [r.get(f, _MISSING) for f in fields]) for r in parsed]
+            pid, parsed = fast
             if not parsed:
                 n_empty += 1
                 continue
-            for r in parsed:
-                line = r["_line"]
+            for cid, teacher, i, line, vals in parsed:
                 by_line &= line is not None
-                vals = []
-                for f in fields:
-                    v = r.get(f)
-                    if v is None:
-                        missing[f] += 1
-                        v = np.nan
-                    vals.append(v)
-                t = codes.setdefault(r["teacher"], len(codes))
-                buf.append((pid, r["candidate_id"], pos + r["_pos"],
-                            -1 if line is None else line, entry, t, *vals))
+                for j, v in enumerate(vals):
+                    if v is _MISSING:
+                        missing[fields[j]] += 1
+                        vals[j] = np.nan
+                t = codes.setdefault(teacher, len(codes))
+                buf.append((pid, cid, pos + i, -1 if line is None else line, entry, t, *vals))
             pos += len(rows)
             n_rows += len(parsed)
             if len(buf) >= BATCH:
