@@ -198,3 +198,27 @@ def test_slugs_follow_github():
     assert slug("`score` (`lark_jax.learnability.runner.score_pool`)") == \
         "score-lark_jaxlearnabilityrunnerscore_pool"
     assert anchors("# A\n## A\n```\n# not a heading\n```\n") == {"a", "a-1"}
+
+
+def test_every_flag_in_the_docs_commands_exists():
+    """Each ``lark-jax COMMAND --flag`` written in README.md or docs/ names a command and
+    flags that the CLI has (placeholders such as B or ... are values, not checked)."""
+    import shlex
+
+    from lark_jax.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.choices and "score" in a.choices)
+    bad = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text(encoding="utf-8").replace("\\\n", " ")
+        for m in re.finditer(r"^\s*(?:\$ )?lark-jax (\S+)(.*)$", text, re.M):
+            command, rest = m.group(1), m.group(2).split("`")[0]
+            if command not in sub.choices:
+                bad.append(f"{path.name}: unknown command {command!r}")
+                continue
+            flags = sub.choices[command]._option_string_actions
+            for word in shlex.split(rest, comments=True):
+                name = word.split("=")[0]
+                if name.startswith("--") and name not in flags:
+                    bad.append(f"{path.name}: {command} has no flag {name}")
+    assert bad == []
