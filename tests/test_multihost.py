@@ -60,14 +60,15 @@ def test_two_processes_merge_to_the_single_process_result(hf_students, tmp_path)
     single = subprocess.run([sys.executable, "-c", CHILD, *common, "--out",
                              str(tmp_path / "one.json")], capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, *common, "--out",
-                               str(tmp_path / "two.json"), "--coordinator", f"localhost:{port}",
-                               "--num-processes", "2", "--process-id", str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    for name in ("two.json", "two.parquet"):  # the parquet is built from every sidecar
+        port = free_port()
+        procs = [subprocess.Popen([sys.executable, "-c", CHILD, *common, "--out",
+                                   str(tmp_path / name), "--coordinator", f"localhost:{port}",
+                                   "--num-processes", "2", "--process-id", str(i)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        outs = [p.communicate(timeout=600) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     a = json.loads((tmp_path / "one.json").read_text())
     b = json.loads((tmp_path / "two.json").read_text())
     assert (a["n_scored"], a["n_problems"]) == (b["n_scored"], b["n_problems"]) == (15, 5)
@@ -75,6 +76,14 @@ def test_two_processes_merge_to_the_single_process_result(hf_students, tmp_path)
         ca, cb = a["scores"][pid], b["scores"][pid]
         assert [c["candidate_id"] for c in ca] == [c["candidate_id"] for c in cb]
         np.testing.assert_allclose([c["g_hat"] for c in ca], [c["g_hat"] for c in cb], rtol=1e-5)
+    from lark_jax.selection import load_scores
+
+    ta = load_scores(tmp_path / "one.json", need=("g_hat",))
+    tc = load_scores(tmp_path / "two.parquet", need=("g_hat",))
+    assert tc.header["n_scored"] == 15 and tc.header["n_problems"] == 5
+    assert ta.problem_ids.tolist() == tc.problem_ids.tolist()
+    assert ta.candidate_ids.tolist() == tc.candidate_ids.tolist()
+    np.testing.assert_allclose(tc.fields["g_hat"], ta.fields["g_hat"], rtol=1e-5)
     assert not list(tmp_path.glob("*.partial*"))
 
 
