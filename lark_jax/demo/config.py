@@ -44,8 +44,8 @@ METHODS = tuple(METHOD_SPECS)
 # rank by loss?).
 QUICK_METHODS = ("lark", "lark-reference", "random", "all", "all-equal-steps", "max-loss")
 # The controls (docs/method.md, "Controls"): run beside the quick preset with
-# ``--methods lark,random-matched,best-teacher,verified`` (they would take its default run
-# past its time budget).
+# ``--methods lark,random-matched,best-teacher,verified --no-utility`` (they would take its
+# default run past its time budget).
 CONTROL_METHODS = ("random-matched", "best-teacher", "verified")
 
 
