@@ -15,6 +15,11 @@
 #   generation (eval sampling with the repetition penalty; a length-spread workload with
 #     continuous batching) vs transformers generate;
 #   SFT tokens/s; MFU of each against the bf16 matmul rate measured in the same process.
+#   the fused vocabulary-statistics kernel (learnability.pallas_vocab) against the scorer's
+#     current head at 512 tokens: agreement, ms, MFU of the head product (not yet wired
+#     into score, so not a whole-scorer MFU);
+#   compile once: the same small `lark-jax score` twice with one fresh compile cache, each
+#     run's time to the first batch (goal for the second: <= 3 s).
 # First a quick check that the fused attention kernel compiles and equals dense attention
 # (forward and backward); last, SFT with blockwise attention, in whatever time is left.
 set -uo pipefail
@@ -31,11 +36,11 @@ START=$(date +%s)
 BUDGET="${BUDGET:-530}"  # seconds for all steps: the device call's limit, less start-up
 if [ "${DRY:-0}" = 1 ]; then
   DEV=cpu; L=1; N512=4; N4K=2; T=900; BUDGET=100000; SMALL=--small
-  GEN_N=4; GEN_NEW=16; GEN_SPREAD=8
+  GEN_N=4; GEN_NEW=16; GEN_SPREAD=8; CACHE_N=2
   TRAIN=(--steps 1 --batch-size 2 --n 4 --lo 128 --hi 256 --micro-batch-tokens 1024)
 else
   DEV=cuda; L=28; N512=512; N4K=48; T=150; SMALL=
-  GEN_N=64; GEN_NEW=256; GEN_SPREAD=256
+  GEN_N=64; GEN_NEW=256; GEN_SPREAD=256; CACHE_N=8
   TRAIN=(--steps 4 --batch-size 16 --n 64 --lo 512 --hi 2048 --micro-batch-tokens 8192)
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"; } \
@@ -56,9 +61,12 @@ step() {  # step NAME SCRIPT ARGS...: run within min(T, what is left of BUDGET)
 }
 
 T=90 step flash_check benchmarks/gpu/check_flash.py $SMALL
+T=60 step vocab_kernel benchmarks/gpu/bench_vocab_kernel.py $SMALL
 step scoring_median512 benchmarks/bench_scoring.py --shape 15b --layers "$L" --dtype bfloat16 \
   --n "$N512" --lo 256 --hi 1024 --batch-tokens 65536 --row-length 2048 \
   --torch-device "$DEV" --tag _median512 --work "$W" --compare-attention blockwise
+T=90 step compile_cache benchmarks/gpu/compile_cache_runs.py --shape 15b --layers "$L" \
+  --dtype bfloat16 --n "$CACHE_N" --work "$W"
 step scoring_median4k benchmarks/bench_scoring.py --shape 15b --layers "$L" --dtype bfloat16 \
   --n "$N4K" --lo 2048 --hi 8192 --batch-tokens 65536 --row-length 8192 \
   --torch-device "$DEV" --tag _median4k --work "$W" --compare-attention blockwise
