@@ -62,7 +62,8 @@ def main(argv=None) -> int:
         print(row, flush=True)
     a, b = (work / f"scores-cache-{r}.json" for r in ("first", "second"))
     if a.exists() and b.exists():
-        res["same_scores"] = json.loads(a.read_text())["scores"] == json.loads(b.read_text())["scores"]
+        scores = [json.loads(f.read_text())["scores"] for f in (a, b)]
+        res["same_scores"] = scores[0] == scores[1]
         common.save_results(f"compile_cache_{jax.devices()[0].platform}", res)
         print({"same_scores": res["same_scores"]})
     return 0
