@@ -130,3 +130,53 @@ def test_a_rows_kept_set_does_not_depend_on_the_other_rows():
     mixed = np.asarray(f(jnp.asarray(np.concatenate([flat, peaked])), 0.9))
     np.testing.assert_array_equal(mixed[1], alone[0])
     assert mixed[0].sum() > 1000 and alone.sum() <= 30
+
+
+def _reference_ids(z, top_p, u):
+    """The previous engine's draw (frozen in tests/reference_generate.py): the kept set
+    over the whole vocabulary, then the inverse-CDF draw over it."""
+    import reference_generate as ref
+
+    return np.asarray(jax.jit(lambda z, u: ref.draw(z, ref.top_p_keep(z, top_p), u))(z, u))
+
+
+@pytest.mark.parametrize("v,top_p", [
+    (v, p) if v < 151936 or p == 0.95 else pytest.param(v, p, marks=pytest.mark.slow)
+    for v in (300, 3000, 151936) for p in (0.3, 0.95, 1.0)])
+def test_sample_gives_the_previous_engines_ids(v, top_p):
+    """``sample`` (top-k candidates, the exact fallback) draws the ids of the previous
+    full-vocabulary draw, row for row, on rows from flat to peaked, with ties and with u
+    at both ends of [0, 1); both of its paths run."""
+    from lark_jax.models.sampling import sample
+
+    rng = np.random.RandomState(v)
+    f = jax.jit(lambda z, u: sample(z, top_p, u))
+    paths = set()
+    for scale in (0.5, 8.0, 30.0):
+        z = (rng.randn(24, v) * scale).astype(np.float32)
+        z[0, 5:9] = z[0].max()  # ties at the top
+        z[1, :] = np.round(z[1])  # many ties
+        u = rng.rand(24).astype(np.float32)
+        u[2], u[3] = 0.0, 1.0 - 2**-24
+        got, want = np.asarray(f(z, u)), _reference_ids(z, top_p, u)
+        np.testing.assert_array_equal(got, want)
+        for row in range(4, 24):  # one row at a time: which path it takes alone
+            zz = jnp.asarray(z[row:row + 1])
+            alone = np.asarray(f(zz, u[row:row + 1]))
+            assert alone[0] == want[row]
+            paths.add(_fast_path(zz, top_p))
+    assert (True in paths) == (top_p < 1)  # top_p = 1: the full path (kept: π > 0)
+    assert False in paths or v == 300  # flat rows of a large vocabulary: the fallback
+
+
+def _fast_path(z, top_p):
+    """Whether ``sample`` takes the candidate path on z (its own fits/ok test)."""
+    from lark_jax.models.sampling import PREFILTER_K, _candidate_draw, _row_sum
+
+    m = z.max(-1, keepdims=True)
+    total = _row_sum(jnp.exp(z - m))[:, None]
+    top_z, top_i = jax.lax.top_k(z, min(PREFILTER_K, z.shape[-1]))
+    mass = jnp.exp(top_z - m) / total
+    before = jnp.cumsum(mass, -1) - mass
+    _, ok = _candidate_draw(z, top_z, top_i, before < top_p, jnp.zeros(z.shape[0]))
+    return bool(top_p < 1 and (before[:, -1] + mass[:, -1] >= top_p).all() and ok.all())

@@ -4,18 +4,23 @@ A fixed number of *slots* decode together. Each slot holds one sequence in its
 own row of the KV cache (capacity: the longest prompt's bucket + max_new), at
 its own length: keys and values are written at per-row indices, and attention
 covers the row's valid slots at or before its position. Decoding runs in jitted
-chunks of ``chunk`` steps; between chunks the host collects the new tokens,
-ends the rows that stopped (eos, the token limit, or a host-side ``stop``
-check such as a complete ``\\boxed{...}``), and prefills waiting prompts into
-the freed slots, so the batch stays full when lengths vary.
+calls of up to ``chunk`` steps. A call returns early, after the step at which
+something needs the host: a row ended on the device (eos or its token limit)
+while prompts are waiting for a slot, or a row emitted a token that may complete
+a host-side ``stop`` (``stop.triggers``, e.g. a token holding ``}`` for a
+complete ``\\boxed{...}``; every token for a plain callable). The host then
+collects the new tokens, ends the rows that stopped, and prefills waiting prompts
+into the freed slots, so a slot is refilled at the step its row ends.
 
 Randomness is per sequence: the draw for token t of the sequence with key r is
-made from ``fold_in(fold_in(key(seed), r), t)``, so a sequence's tokens do not
+made from ``fold_in(fold_in(key(seed), r), t)`` (the inner fold once, at
+admission), so a sequence's tokens do not
 depend on the batch size, on which slot it lands in, or on what else is in the
 batch (``keys`` default to the prompt's index).
 
-Next-token choice: ``lark_jax.models.sampling`` (repetition penalty, exact top-p
-without a sort, greedy at temperature 0).
+Next-token choice: ``lark_jax.models.sampling`` (repetition penalty from a running
+per-row presence mask [S, V] updated with each fed token, exact top-p on the top
+candidates with an exact full-vocabulary fallback, greedy at temperature 0).
 
 Token ids in, token ids out: text prompts, decoding and text stops are
 ``evaluation.completions.generate`` (a layer above), which passes its stop rule down as
@@ -40,18 +45,19 @@ from lark_jax.parallel import data_sharding, replicated
 from lark_jax.shapes import pow2_at_least, round_up
 
 PROMPT_BUCKET = 64  # prompts are padded to a multiple of this: a few compiled shapes
-CHUNK = 16  # decoding steps per jitted call (the host checks stops in between)
+CHUNK = 16  # most decoding steps per jitted call (it returns earlier when the host is needed)
 
 
-def _keys(base, row_keys, steps):
-    """Per-row PRNG keys for token ``steps[b]`` of sequence ``row_keys[b]``."""
-    return jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(base, r), t))(
-        row_keys, steps)
+def _row_keys(base, keys):
+    """key_data of ``fold_in(base, r)`` for each sequence key r [n]: each row's stream."""
+    return jax.vmap(lambda r: jax.random.key_data(jax.random.fold_in(base, r)))(keys)
 
 
-def _choose(model, hidden, seen, base, row_keys, steps, temperature, top_p, penalty, *,
+def _choose(model, hidden, seen, row_keys, steps, temperature, top_p, penalty, *,
             greedy, use_penalty):
-    return choose(model.logits(hidden), _keys(base, row_keys, steps), temperature=temperature,
+    keys = jax.vmap(lambda k, t: jax.random.fold_in(jax.random.wrap_key_data(k), t))(
+        row_keys, steps)
+    return choose(model.logits(hidden), keys, temperature=temperature,
                   top_p=top_p, greedy=greedy, penalty=penalty if use_penalty else None,
                   seen=seen)
 
@@ -79,7 +85,8 @@ def _admit(graphdef, params, state, slots, ids, lengths, row_keys, limits, base,
         real = jnp.arange(p_len)[None] < lengths[:, None]
         seen = seen.at[jnp.arange(n)[:, None], ids].max(real)
     steps = jnp.zeros((n,), jnp.int32)
-    tok = _choose(model, last, seen, base, row_keys, steps, temperature, top_p, penalty,
+    row_keys = _row_keys(base, row_keys)
+    tok = _choose(model, last, seen, row_keys, steps, temperature, top_p, penalty,
                   greedy=greedy, use_penalty=use_penalty)
     new = dict(state)
     new["cache"] = state["cache"].put_rows(slots, small)
@@ -96,25 +103,30 @@ def _admit(graphdef, params, state, slots, ids, lengths, row_keys, limits, base,
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "greedy", "use_penalty"),
                    donate_argnames=("state",))
-def _decode(graphdef, params, state, live, base, temperature, top_p, penalty, eos_ids,
-            pad_id, *, chunk: int, greedy: bool, use_penalty: bool):
-    """``chunk`` steps for every slot. Emits each live row's pending token, ends rows at
-    eos or at their token limit, feeds the others and draws their next token.
+def _decode(graphdef, params, state, live, waiting, triggers, temperature, top_p, penalty,
+            eos_ids, pad_id, *, chunk: int, greedy: bool, use_penalty: bool):
+    """Up to ``chunk`` steps for every slot. A step emits each live row's pending token,
+    ends rows at eos or at their token limit, feeds the others and draws their next token.
+
+    The loop stops after the first step at which a row ended while ``waiting`` (prompts
+    wait for a slot), or a live row emitted a token of ``triggers`` [V] (bool: the host
+    must check its stop), or when no row is live.
 
     Returns (state, tokens [S, chunk], emitted [S] (tokens emitted per row; eos
-    included), live [S]).
+    included), live [S], steps run).
     """
     model = nnx.merge(graphdef, params)
     s_rows = live.shape[0]
     rows = jnp.arange(s_rows)
 
-    def body(i, carry):
-        st, live, out, emitted = carry
+    def body(carry):
+        st, live, out, emitted, i, _ = carry
         tok = st["tok"]
         out = out.at[:, i].set(jnp.where(live, tok, pad_id))
         emitted = emitted + live
         steps = st["steps"] + live
         stop = jnp.isin(tok, eos_ids) | (steps >= st["limit"])
+        host = jnp.any(live & (triggers[tok] | (stop & waiting)))
         live = live & ~stop
         cache = st["cache"]
         pos = st["pos"]
@@ -123,17 +135,21 @@ def _decode(graphdef, params, state, live, base, temperature, top_p, penalty, eo
         seen = st["seen"]
         if use_penalty:
             seen = seen.at[rows, tok].max(live)
-        nxt = _choose(model, hidden[:, 0], seen, base, st["row_keys"], steps, temperature,
+        nxt = _choose(model, hidden[:, 0], seen, st["row_keys"], steps, temperature,
                       top_p, penalty, greedy=greedy, use_penalty=use_penalty)
         st = dict(st, cache=cache, seen=seen, steps=steps,
                   pos=jnp.where(live, pos + 1, pos), tok=jnp.where(live, nxt, tok))
-        return st, live, out, emitted
+        return st, live, out, emitted, i + 1, host
+
+    def cond(carry):
+        _, live, *_, i, host = carry
+        return (i < chunk) & ~host & jnp.any(live)
 
     out = jnp.full((s_rows, chunk), pad_id, jnp.int32)
     emitted = jnp.zeros((s_rows,), jnp.int32)
-    state, live, out, emitted = jax.lax.fori_loop(0, chunk, body,
-                                                  (state, live, out, emitted))
-    return state, out, emitted, live
+    state, live, out, emitted, steps, _ = jax.lax.while_loop(
+        cond, body, (state, live, out, emitted, jnp.int32(0), jnp.bool_(False)))
+    return state, out, emitted, live, steps
 
 
 class _Engine:
@@ -144,8 +160,7 @@ class _Engine:
         self.mesh = student.mesh
         cfg = student.config
         dt = student.model.dtype
-        shard = data_sharding(self.mesh, 1)
-        put = lambda x: jax.device_put(x, shard)  # noqa: E731
+        put = lambda x: jax.device_put(x, data_sharding(self.mesh, x.ndim))  # noqa: E731
         cache = KVCache.empty(cfg, n_slots, cap, dt)
         kv = data_sharding(self.mesh, 5, axis=1)  # [L, slots, kv heads, cap, head]
         self.state = {
@@ -154,7 +169,8 @@ class _Engine:
             "pos": put(np.zeros(n_slots, np.int32)),
             "tok": put(np.zeros(n_slots, np.int32)),
             "steps": put(np.zeros(n_slots, np.int32)),
-            "row_keys": put(np.zeros(n_slots, np.uint32)),
+            "row_keys": put(np.zeros((n_slots, *jax.random.key_data(
+                jax.random.key(0)).shape), np.uint32)),
             "limit": put(np.zeros(n_slots, np.int32)),
             "live": put(np.zeros(n_slots, bool)),
             "seen": put(np.zeros((n_slots, cfg.vocab_size if use_penalty else 1), bool)),
@@ -176,11 +192,15 @@ def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int | Seq
       repetition_penalty: HF semantics over prompt + generated ids (1.0: off).
       keys: one non-negative integer per prompt naming its random stream (default: its
         index); equal keys and prompts give equal samples whatever the batching.
-      stop: ``stop(tokens) -> n or None``, checked on the host after each chunk: n ends the
-        sequence keeping its first n tokens (e.g. at a complete ``\\boxed{}``). It must be
-        monotone: true of a sequence, true of every extension.
+      stop: ``stop(tokens) -> n or None``, checked on the host: n ends the sequence keeping
+        its first n tokens (e.g. at a complete ``\\boxed{}``). It must be monotone: true of
+        a sequence, true of every extension. A plain callable is checked after every step.
+        ``stop.triggers(V)`` (optional) names the token ids [V] after which a stop can have
+        become true: decoding returns to the host only after one of them (and when a row
+        ends). ``stop.scanner()`` (optional) gives a per-sequence object whose
+        ``maybe(tokens)`` is a cheap incremental test run before the exact ``stop``.
       on_result: called as ``on_result(i, tokens)`` when prompt i finishes (any order).
-      chunk: decoding steps per jitted call between host stop checks.
+      chunk: the most decoding steps per jitted call (fewer when the host is needed).
       stats: if given, filled with ``slots``, ``decode_calls``, ``slot_steps`` (slots x
         steps computed) and ``tokens`` (tokens kept): their ratio is the slot utilisation.
     """
@@ -222,18 +242,33 @@ def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int | Seq
     base = jax.random.key(seed)
     statics = dict(greedy=greedy, use_penalty=use_penalty)
 
+    v = student.config.vocab_size
+    # Which emitted tokens send the loop back to the host: a stop's own triggers, or
+    # every token for a plain callable; none without a stop.
+    trig = np.zeros(v, bool)
+    if stop is not None:
+        trig = (np.asarray(stop.triggers(v), bool) if hasattr(stop, "triggers")
+                else np.ones(v, bool))
+        if trig.shape != (v,):
+            raise LarkError(f"stop.triggers must give {v} flags, got {trig.shape}")
+    trig_dev = jax.device_put(jnp.asarray(trig), rep)
+    scanner = getattr(stop, "scanner", None)
+
     waiting = collections.deque(range(n))
     owner: list[int | None] = [None] * slots
     tokens: dict[int, list[int]] = {}
+    scans: dict[int, object] = {}
     live = np.zeros(slots, bool)
     results: list[list[int] | None] = [None] * n
-    calls = 0
+    calls = slot_steps = 0
 
     def finish(s: int, toks: list[int]) -> None:
         i = owner[s]
         owner[s] = None
         live[s] = False
         results[i] = toks
+        tokens.pop(i)
+        scans.pop(i, None)
         if on_result is not None:
             on_result(i, toks)
         if progress is not None:
@@ -258,16 +293,19 @@ def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int | Seq
                 lim[j] = limits[i]
                 owner[free[j]] = i
                 tokens[i] = []
+                if scanner is not None:
+                    scans[i] = scanner()
                 live[free[j]] = True
             eng.state = _admit(eng.graphdef, eng.params, eng.state, where, ids, lengths, rkeys,
                                lim, base, *scalars, **statics)
-        eng.state, out, emitted, live_dev = _decode(
-            eng.graphdef, eng.params, eng.state, jnp.asarray(live), base, *scalars, eos_arr,
-            pad_id, chunk=chunk, **statics)
+        eng.state, out, emitted, live_dev, ran = _decode(
+            eng.graphdef, eng.params, eng.state, jnp.asarray(live), bool(waiting), trig_dev,
+            *scalars, eos_arr, pad_id, chunk=chunk, **statics)
         out, emitted, live_dev = np.asarray(out), np.asarray(emitted), np.asarray(live_dev)
         calls += 1
+        slot_steps += int(ran) * slots
         for s in range(slots):
-            if owner[s] is None:
+            if owner[s] is None or not emitted[s]:
                 continue
             i = owner[s]
             new_toks = out[s, :emitted[s]].tolist()
@@ -275,15 +313,22 @@ def generate_ids(student, prompt_ids: list[list[int]], max_new_tokens: int | Seq
             cut = next((j for j, t in enumerate(new_toks) if t in eos), None)
             toks = tokens[i]
             toks.extend(new_toks[:cut])
+            ended = cut is not None or not live_dev[s] or len(toks) >= limits[i]
             if stop is not None:
-                at = stop(toks)
+                # The exact check (stop(toks): the fewest tokens holding a stop) runs when
+                # the row ends, and after a trigger token when the stop's cheap incremental
+                # scan (if it has one) says a stop may be complete. Monotone stops make the
+                # cut the same whenever it is found.
+                check = ended or (any(trig[t] for t in new_toks[:cut]) and (
+                    i not in scans or scans[i].maybe(toks)))
+                at = stop(toks) if check else None
                 if at is not None:
                     finish(s, toks[:at])
                     continue
-            if cut is not None or not live_dev[s] or len(toks) >= limits[i]:
+            if ended:
                 finish(s, toks[:limits[i]])
     if stats is not None:
-        stats.update(slots=slots, decode_calls=calls, slot_steps=calls * chunk * slots,
+        stats.update(slots=slots, decode_calls=calls, slot_steps=slot_steps,
                      tokens=sum(len(r) for r in results))
     return results
 

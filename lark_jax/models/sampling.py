@@ -26,15 +26,23 @@ Draw: by inverse CDF in token-id order, one uniform per row, u ~ U[0, Σ kept π
 the first token whose cumulative kept mass exceeds u. Every token's probability
 is its renormalised π, so this is an exact draw (up to float32 rounding), and a
 row's draw depends only on its own key (no [B, V] Gumbel noise).
+
+Per decoding step (``sample``), when the nucleus of every row lies among its top
+``PREFILTER_K`` tokens, the kept set and the draw are computed on those candidates:
+the same float values as the full-vocabulary path (the CDF's two-level sums are
+formed over the same blocks, laid out only where a kept token lies), so the same
+ids, at the cost of one max, one Σ exp and one ``top_k`` over the vocabulary.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lark_jax.numerics import vocab_blocks
+from lark_jax.numerics import sum_block, vocab_blocks
 
 
 def apply_repetition_penalty(z, seen, penalty):
@@ -58,6 +66,36 @@ def _sortable(z):
 
 
 PREFILTER_K = 256
+DRAW_BLOCKS = 32  # vocabulary blocks of a kept set that the candidate draw lays out
+
+
+class _Nucleus(NamedTuple):
+    """What top-p needs of scaled logits z [B, V]: z with one zero (zn), e = exp(zn − m)
+    for the row max m, total = Σ e, the top k logits and ids, the mass strictly before
+    each of them in that order (before), and fits: the nucleus lies in the top k."""
+
+    zn: jax.Array
+    e: jax.Array
+    total: jax.Array
+    top_z: jax.Array
+    top_i: jax.Array
+    before: jax.Array
+    fits: jax.Array
+
+
+def _nucleus(z, top_p) -> _Nucleus:
+    """The ``_Nucleus`` of z for ``top_p``."""
+    z = z.astype(jnp.float32)
+    z = jnp.where(z == 0, jnp.float32(0), z)  # -0.0 and +0.0 are one value
+    m = z.max(-1, keepdims=True)
+    e = jnp.exp(z - m)
+    total = _row_sum(e)[:, None]
+    k = min(PREFILTER_K, z.shape[-1])
+    top_z, top_i = lax.top_k(z, k)
+    top_p_mass = jnp.exp(top_z - m) / total
+    before = jnp.cumsum(top_p_mass, -1) - top_p_mass
+    fits = before[:, -1] + top_p_mass[:, -1] >= top_p  # [B]: the nucleus is in the top k
+    return _Nucleus(z, e, total, top_z, top_i, before, fits)
 
 
 def top_p_keep(z, top_p):
@@ -69,26 +107,21 @@ def top_p_keep(z, top_p):
     ties by lower id: the stable sort's order) gives it directly. Otherwise (flat rows)
     the bisection below, also exact.
     """
-    z = z.astype(jnp.float32)
-    z = jnp.where(z == 0, jnp.float32(0), z)  # -0.0 and +0.0 are one value
-    m = z.max(-1, keepdims=True)
-    e = jnp.exp(z - m)
-    total = _row_sum(e)[:, None]
-    p = e / total
-    k = min(PREFILTER_K, z.shape[-1])
-    top_z, top_i = lax.top_k(z, k)
-    top_p_mass = jnp.exp(top_z - m) / total
-    before = jnp.cumsum(top_p_mass, -1) - top_p_mass
-    fits = before[:, -1] + top_p_mass[:, -1] >= top_p  # [B]: the nucleus is in the top k
+    return _keep(_nucleus(z, top_p), top_p)
+
+
+def _keep(nu: _Nucleus, top_p):
+    """``top_p_keep`` from a computed ``_Nucleus``."""
+    z, p = nu.zn, nu.e / nu.total
     rows = jnp.arange(z.shape[0])[:, None]
-    from_top = jnp.zeros(z.shape, bool).at[rows, top_i].set(before < top_p)
+    from_top = jnp.zeros(z.shape, bool).at[rows, nu.top_i].set(nu.before < top_p)
     # Each row's path depends on that row alone (batch composition never changes a
     # sample); the bisection runs only when some row needs it, and never at top_p = 1.
-    branch = jnp.where(top_p >= 1.0, 0, jnp.where(jnp.all(fits), 1, 2))
+    branch = jnp.where(top_p >= 1.0, 0, jnp.where(jnp.all(nu.fits), 1, 2))
     return lax.switch(branch, [
         lambda: p > 0,
         lambda: from_top,
-        lambda: jnp.where(fits[:, None], from_top, _bisect_keep(z, p, top_p)),
+        lambda: jnp.where(nu.fits[:, None], from_top, _bisect_keep(z, p, top_p)),
     ])
 
 
@@ -130,6 +163,76 @@ def draw(z, keep, u):
     return idx.astype(jnp.int32)
 
 
+def _candidate_draw(z, top_z, top_i, keep_c, u):
+    """``draw(z, keep, u)`` for a kept set given as candidates of the top k, computed on
+    the vocabulary blocks that hold a kept token only.
+
+    ``draw``'s CDF is two-level over the vocabulary's blocks of ``sum_block(V)`` tokens:
+    cdf(v) = inner_b(v) + offset_b, with inner_b the cumulative sum within v's block b
+    and offset_b = Σ_{b' ≤ b} t_b' − t_b (t: block totals). A block without a kept token
+    has inner = 0 and t = 0, so its CDF is the constant offset_b. Here the blocks with
+    kept tokens (at most ``DRAW_BLOCKS``, else ``ok`` is False) are laid out in block order
+    as [B, R, block] with the kept masses at their offsets and zeros elsewhere, exactly as
+    in ``draw``'s array, so the same cumulative sums give the same float values; the
+    offsets come from the [B, nb] totals. The token is the first position in id order,
+    over those blocks and the empty ones, whose CDF exceeds u · cdf(V − 1), as in ``draw``.
+
+    Returns (token ids [B], ok [B]).
+    """
+    b, v = z.shape
+    bs = sum_block(v)
+    nb = -(-v // bs)
+    r_max = min(DRAW_BLOCKS, nb)
+    rows = jnp.arange(b)[:, None]
+    e = jnp.where(keep_c, jnp.exp(top_z - top_z[:, :1]), 0.0)  # top_z[:, 0]: the kept max
+    ids = jnp.where(keep_c, top_i, v)  # v: not kept, sorts last
+    ids, e = lax.sort_key_val(ids, e)
+    valid = ids < v
+    blk = ids // bs
+    prev = jnp.concatenate([jnp.full((b, 1), -1, blk.dtype), blk[:, :-1]], -1)
+    new = valid & (blk != prev)
+    rank = jnp.cumsum(new, -1, dtype=jnp.int32) - 1
+    ok = rank[:, -1] < r_max  # the kept set spans at most r_max blocks
+    rank = jnp.where(valid, rank, r_max)  # out of range: dropped
+    grid = jnp.zeros((b, r_max, bs), jnp.float32).at[rows, rank, ids % bs].set(e, mode="drop")
+    block_of = jnp.full((b, r_max), nb, jnp.int32).at[rows, rank].set(blk, mode="drop")
+    inner = jnp.cumsum(grid, -1)
+    totals = jnp.zeros((b, nb), jnp.float32).at[rows, block_of].set(inner[..., -1],
+                                                                    mode="drop")
+    offsets = jnp.cumsum(totals, -1) - totals
+    cdf = inner + jnp.take_along_axis(offsets, jnp.minimum(block_of, nb - 1), -1)[..., None]
+    # cdf(V - 1): the last block's inner value at V - 1 (0 when it holds no kept token)
+    last = (block_of == nb - 1)[..., None] & (jnp.arange(bs) == (v - 1) % bs)
+    total = jnp.sum(jnp.where(last, inner, 0.0), (1, 2)) + offsets[:, -1]
+    target = u * total
+    pos = block_of[..., None] * bs + jnp.arange(bs)  # token id of each grid cell
+    over = (cdf > target[:, None, None]) & (block_of[..., None] < nb) & (pos < v)
+    first_kept = jnp.min(jnp.where(over, pos, v), (1, 2))
+    has_kept = jnp.zeros((b, nb), bool).at[rows, block_of].set(True, mode="drop")
+    over_empty = ~has_kept & (offsets > target[:, None])
+    first_empty = jnp.min(jnp.where(over_empty, jnp.arange(nb) * bs, v), -1)
+    tok = jnp.minimum(first_kept, first_empty)
+    # draw's argmax of an all-false row is 0
+    return jnp.where(tok < v, tok, 0).astype(jnp.int32), ok
+
+
+def sample(z, top_p, u):
+    """Token ids [B]: a draw from top-p of softmax(z) (z [B, V], already penalised and
+    scaled), u [B] in [0, 1); the same ids as ``draw(z, top_p_keep(z, top_p), u)``.
+
+    When every row's nucleus lies in its ``PREFILTER_K`` most likely tokens and spans at
+    most ``DRAW_BLOCKS`` vocabulary blocks (peaked rows: a trained model's usual case),
+    the draw is computed from those candidates (``_candidate_draw``): the full vocabulary
+    is read for its max, its mass and ``lax.top_k`` only. Otherwise, and at top_p = 1,
+    the full-vocabulary kept set and draw.
+    """
+    z = z.astype(jnp.float32)
+    nu = _nucleus(z, top_p)
+    tok, ok = _candidate_draw(z, nu.top_z, nu.top_i, nu.before < top_p, u)
+    fast = (top_p < 1.0) & jnp.all(nu.fits & ok)
+    return lax.cond(fast, lambda: tok, lambda: draw(z, _keep(nu, top_p), u))
+
+
 def choose(logits, keys, *, temperature, top_p, greedy: bool, penalty=None, seen=None):
     """Next tokens [B] from logits [B, V]; ``keys`` [B] are per-row PRNG keys.
 
@@ -141,6 +244,5 @@ def choose(logits, keys, *, temperature, top_p, greedy: bool, penalty=None, seen
     if greedy:
         return jnp.argmax(z, axis=-1).astype(jnp.int32)
     z = z / temperature
-    keep = top_p_keep(z, top_p)
     u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
-    return draw(z, keep, u)
+    return sample(z, top_p, u)
