@@ -36,7 +36,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import mmap
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -509,13 +509,16 @@ class _Lines:
         self.f.write(data)
 
     def ordered(self):
-        """The chosen keys' lines (bytes) in (problem, candidate) order."""
+        """The chosen keys' lines (bytes) in (problem, candidate) order. Read with pread, not
+        a memory map: mapped pages would count in the process's RSS, the page cache does
+        not."""
         self.f.close()
-        if not self.path.stat().st_size:
-            return
-        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
             for off, n in zip(self.off.tolist(), self.size.tolist(), strict=True):
-                yield m[off:off + n]
+                yield os.pread(fd, n, off)
+        finally:
+            os.close(fd)
 
 
 def _pool_pass(pool, opts: PoolOptions, chosen: np.ndarray, lines: _Lines,
