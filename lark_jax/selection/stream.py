@@ -264,21 +264,22 @@ def table_of(rows: np.ndarray, spill: ScoresSpill, source: str, order=None) -> S
                       "pool_line" if spill.by_line else "scores file order")
 
 
+# what is kept of each chosen trajectory until it is written: 36 bytes
 CHOSEN = np.dtype([("pid", "i8"), ("cid", "i8"), ("weight", "f8"), ("score", "f8"),
-                   ("tokens", "f8"), ("part", "i4")])
+                   ("part", "i4")])
 
 
-def _chosen(table: ScoreTable, sel, part: int) -> np.ndarray:
+def _chosen(table: ScoreTable, sel, part: int) -> tuple[np.ndarray, float]:
+    """The chosen entries of a partition's selection, and the sum of their tokens."""
     rows, cols = np.nonzero(sel.chosen)
     out = np.empty(len(rows), CHOSEN)
     out["pid"] = table.problem_ids[rows]
     out["cid"] = table.candidate_ids[rows, cols]
     out["weight"] = sel.weights[rows, cols] * sel.train_scale
     out["score"] = sel.score[rows, cols]
-    tokens = table.fields.get("tokens")
-    out["tokens"] = tokens[rows, cols] if tokens is not None else np.nan
     out["part"] = part
-    return out
+    tokens = table.fields.get("tokens")
+    return out, float(np.nansum(tokens[rows, cols])) if tokens is not None else 0.0
 
 
 STATUS_ORDER = ("ok", "fewer_than_budget_plus_one", "tie", "all_nan", "empty")
@@ -380,9 +381,11 @@ def _select_streaming(scores, pool, out, manifest, parent: Path, *, policy, budg
                 status["empty"] = status.get("empty", 0) - (table.n_problems - n_real)
                 if not status["empty"]:
                     del status["empty"]
-            return n_real, sel, _chosen(table, sel, p)
+            c, n_tokens = _chosen(table, sel, p)
+            tokens[p] = n_tokens
+            return n_real, sel, c
 
-        chosen, infos, n_problems, meta = [], {}, 0, None
+        chosen, infos, tokens, n_problems, meta = [], {}, {}, 0, None
         for p in range(spill.parts.parts):
             rows = spill.parts.read(p)
             if not len(rows):
@@ -464,7 +467,7 @@ def _select_streaming(scores, pool, out, manifest, parent: Path, *, policy, budg
             n_problems=n_problems, n_empty=spill.n_empty, n_candidates=spill.n_rows,
             n_records=len(chosen),
             n_problems_selected=len(np.unique(chosen["pid"])),
-            selected_tokens=(int(np.nansum(chosen["tokens"])) if "tokens" in spill.complete
+            selected_tokens=(int(sum(tokens.values())) if "tokens" in spill.complete
                              else None),
             train_weight_sum=float(chosen["weight"].sum()), unscored=n_pool - n_found,
             info=merge_info([infos[p] for p in sorted(infos)]), tie_order=tie_order,
@@ -515,8 +518,10 @@ class _Lines:
         self.f.close()
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            for off, n in zip(self.off.tolist(), self.size.tolist(), strict=True):
-                yield os.pread(fd, n, off)
+            for a in range(0, len(self.off), 1 << 16):  # not one Python int per line at once
+                for off, n in zip(self.off[a:a + (1 << 16)].tolist(),
+                                  self.size[a:a + (1 << 16)].tolist(), strict=True):
+                    yield os.pread(fd, n, off)
         finally:
             os.close(fd)
 
