@@ -140,6 +140,9 @@ def _run_streaming(args, rep: Reporter, solver: str, optional, t0: float) -> Non
     bars = {}
 
     def progress(stage):
+        for b in bars.values():  # one bar at a time: the previous stage is over
+            b.__exit__(None, None, None)
+        bars.clear()
         bars[stage] = rep.bar(None, stage, unit="rec")
         return bars[stage].__enter__()
 
