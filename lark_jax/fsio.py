@@ -113,3 +113,32 @@ def complete_lines(path: str | Path) -> bytes:
         finally:
             os.close(fd)
     return data[:keep]
+
+
+def write_parquet(f, rows, table_of, batch_rows: int) -> None:
+    """Rows to the parquet file object ``f`` in row groups of ``batch_rows``, never all at
+    once. ``table_of(batch, schema)`` makes a group's Arrow table: ``schema`` is None for
+    the first group, whose schema the file keeps, and the file's schema after. No rows:
+    one empty group from ``table_of([], None)``."""
+    import pyarrow.parquet as pq
+
+    writer, batch = None, []
+
+    def flush():
+        nonlocal writer
+        table = table_of(batch, None if writer is None else writer.schema)
+        if writer is None:
+            writer = pq.ParquetWriter(f, table.schema)
+        writer.write_table(table)
+        batch.clear()
+
+    try:
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= batch_rows:
+                flush()
+        if batch or writer is None:
+            flush()
+    finally:
+        if writer is not None:
+            writer.close()

@@ -503,7 +503,6 @@ def write_scores_parquet(out: Path, paths: list[Path], header: dict, brier: str,
     other fields go into the file's metadata (``selection.scores_stream.HEADER_KEY``).
     Returns (problems, rows, skipped)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from lark_jax.learnability.scores import g_hat, trajectory_stats
 
@@ -535,37 +534,28 @@ def write_scores_parquet(out: Path, paths: list[Path], header: dict, brier: str,
     meta = {**header, "n_problems": n_problems, "n_scored": n_rows,
             "n_skipped": len(skipped_pids)}
 
-    writer, batch, i = None, [], 0
     kinds = {"problem_id": pa.int64(), "candidate_id": pa.int64(), "pool_line": pa.int64(),
              "tokens": pa.int64(), "teacher": pa.string(), "source_id": pa.string()}
 
-    def flush():
-        nonlocal writer
-        if writer is None:  # the columns of the first row, typed (later batches may differ)
+    def table_of(batch, schema):
+        if schema is None:  # the columns of the first row, typed (later rows may hold nulls)
             names = list(batch[0]) if batch else ["problem_id", "candidate_id", "teacher",
                                                   "pool_line", "g_hat"]
             schema = pa.schema([(k, kinds.get(k, pa.float64())) for k in names],
                                metadata={HEADER_KEY: json.dumps(meta)})
-            writer = pq.ParquetWriter(f, schema)
-        writer.write_table(pa.Table.from_pylist(batch, schema=writer.schema))
-        batch.clear()
+        return pa.Table.from_pylist(batch, schema=schema)
+
+    def rows():
+        i = 0
+        for row in _sidecar_rows(paths):
+            if not row.get("skipped"):
+                st = trajectory_stats(row, brier, estimator)
+                yield {"problem_id": row["problem_id"], **st, "g_hat": float(ghat[i]),
+                       **({} if "source_id" in st else {"source_id": None})}
+                i += 1
 
     with fsio.atomic_file(out, binary=True) as f:
-        try:
-            for row in _sidecar_rows(paths):
-                if row.get("skipped"):
-                    continue
-                st = trajectory_stats(row, brier, estimator)
-                batch.append({"problem_id": row["problem_id"], **st, "g_hat": float(ghat[i]),
-                              **({} if "source_id" in st else {"source_id": None})})
-                i += 1
-                if len(batch) >= SCORES_PARQUET_BATCH:
-                    flush()
-            if batch or writer is None:
-                flush()
-        finally:
-            if writer is not None:
-                writer.close()
+        fsio.write_parquet(f, rows(), table_of, SCORES_PARQUET_BATCH)
     return n_problems, n_rows, len(skipped_pids)
 
 

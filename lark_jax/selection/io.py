@@ -326,30 +326,8 @@ def selection_table(records: Iterable[dict], messages_type=None):
 
 def _write_parquet(f, records: Iterable[dict]) -> None:
     """Row groups of PARQUET_BATCH records, streamed (never the whole selection)."""
-    import pyarrow.parquet as pq
-
-    writer, batch = None, []
-
-    def flush():
-        nonlocal writer
-        if writer is None:
-            table = selection_table(batch)
-            writer = pq.ParquetWriter(f, table.schema)
-        else:
-            table = selection_table(batch, writer.schema.field("messages").type)
-        writer.write_table(table)
-        batch.clear()
-
-    try:
-        for r in records:
-            batch.append(r)
-            if len(batch) >= PARQUET_BATCH:
-                flush()
-        if batch or writer is None:
-            flush()
-    finally:
-        if writer is not None:
-            writer.close()
+    fsio.write_parquet(f, records, lambda batch, schema: selection_table(
+        batch, None if schema is None else schema.field("messages").type), PARQUET_BATCH)
 
 
 def write_selection(out: str | os.PathLike, records: Iterable[dict] | None, manifest: dict,
