@@ -1,6 +1,7 @@
 """Generation throughput: lark-jax vs transformers ``generate``, same student and prompts.
 
     python benchmarks/bench_generation.py [--layers 4] [--n 16] [--new 128] [--skip-torch]
+        [--logit-scale 30]
 
 Modes, each timed after a warm-up call (compilation excluded on both sides):
 
@@ -15,6 +16,10 @@ Modes, each timed after a warm-up call (compilation excluded on both sides):
   static batches of the slot count; transformers runs static batches, each to its
   longest row. Reported: useful tokens/s and slot utilisation (useful tokens /
   slot-steps computed).
+
+``--logit-scale s`` multiplies the student's final norm by s: a random student's logits
+are flat (the top-p nucleus is most of the vocabulary, the sampler's full-vocabulary
+path), a trained model's are peaked (a few candidates); s = 30 gives the latter.
 
 Writes benchmarks/results/generation_<platform>.json (after every mode).
 """
@@ -111,7 +116,11 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--torch-device", default="cpu")
     ap.add_argument("--modes", default="greedy,sample,sample_penalty,spread")
+    ap.add_argument("--logit-scale", type=float, default=1.0,
+                    help="multiply the final norm (peaked logits); lark-jax only")
     args = ap.parse_args(argv)
+    if args.logit_scale != 1.0 and not args.skip_torch:
+        ap.error("--logit-scale changes lark-jax's student only: add --skip-torch")
 
     import jax
 
@@ -119,6 +128,9 @@ def main(argv=None):
 
     work, model_dir = common.bench_student(args, "lark-gen-")
     student = lark_jax.load_student(model_dir, dtype=args.dtype)
+    if args.logit_scale != 1.0:
+        norm = student.model.final_norm
+        norm[...] = norm[...] * args.logit_scale
     res = {"machine": common.machine_info(), "args": vars(args), "rows": []}
     platform = jax.devices()[0].platform
     print(f"{'mode':>15} {'impl':>22} {'tok/s':>8} {'util':>6} {'s':>7}")
