@@ -277,3 +277,17 @@ def test_pool_verdicts_reach_the_scores_and_verified_selects_them(hf_students, t
             picked = {(json.loads(x)["meta"]["problem_id"], json.loads(x)["meta"]["candidate_id"])
                       for x in out.decode().splitlines()}
             assert picked == {k for k, v in want.items() if v == 1.0}
+
+
+def test_bad_verdicts_are_one_error_from_either_path(tmp_path):
+    pool, scores = write_case(tmp_path, n_problems=20)
+    obj = json.loads(scores.read_text())
+    for rows in obj["scores"].values():
+        for r in rows:
+            r["correct"] = 0.5  # not a verdict
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(obj))
+    for mem in ((), ("--in-memory",)):
+        with pytest.raises(LarkError, match=r"bad\.json: .*correct"):
+            select_files(tmp_path, pool, bad, "v.jsonl", "--policy", "verified", *mem)
+    assert not (tmp_path / "out").exists()

@@ -177,9 +177,15 @@ def run(args, rep: Reporter) -> None:
         return _run_streaming(args, rep, solver, optional, t0)
     table = load_scores(args.scores, need=needed_fields(args.policy), optional=optional)
     rep.info(f"{table.n_problems} problems, {table.n_candidates} scored candidates")
-    sel = select(table, args.policy, args.budget, solver=solver, tau=args.tau,
-                 global_budget=args.global_budget, seed=args.seed, tol=args.tol,
-                 max_iters=args.max_iters)
+    def run_policy():
+        try:
+            return select(table, args.policy, args.budget, solver=solver, tau=args.tau,
+                          global_budget=args.global_budget, seed=args.seed, tol=args.tol,
+                          max_iters=args.max_iters)
+        except ValueError as e:  # a policy's check of the scores (verified's values)
+            raise LarkError(str(e), where=str(args.scores)) from None
+
+    sel = run_policy()
 
     def chosen_keys(sel):
         rows, cols = np.nonzero(sel.chosen)  # row-major: problem order, then candidate id
@@ -201,9 +207,7 @@ def run(args, rep: Reporter) -> None:
         # pool, or scores from elsewhere), or the global mode needs the order across
         # problems, which only pool_line gives: select again with the pool's own order.
         table.order, tie_order = positions[0], "pool file (re-read)"
-        sel = select(table, args.policy, args.budget, solver=solver, tau=args.tau,
-                     global_budget=args.global_budget, seed=args.seed, tol=args.tol,
-                     max_iters=args.max_iters)
+        sel = run_policy()
         rows, cols, pids, cids, wanted = chosen_keys(sel)
         if not wanted <= found.keys():
             with rep.bar(None, "read pool again", unit="rec") as advance:

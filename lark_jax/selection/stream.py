@@ -374,7 +374,10 @@ def _select_streaming(scores, pool, out, manifest, parent: Path, *, policy, budg
 
         def choose(p: int, rows: np.ndarray, order=None):
             table = table_of(rows, spill, source, order)
-            sel = select(table, policy, budget, **select_kwargs)
+            try:
+                sel = select(table, policy, budget, **select_kwargs)
+            except ValueError as e:  # a policy's check of the scores (verified's values)
+                raise LarkError(str(e), where=source) from None
             n_real = len(np.unique(rows["pid"]))
             status = sel.info.get("status")
             if status is not None:  # the padding rows are not problems of the file
@@ -404,77 +407,80 @@ def _select_streaming(scores, pool, out, manifest, parent: Path, *, policy, budg
                                                          ("idx", "i8")]), spill.parts.parts)
         lines = _Lines(root / "spill.jsonl", meta[0], budget)
         try:
-            n_pool = _pool_pass(pool, opts, chosen, lines, pool_parts, bar("read pool"))
+            try:
+                n_pool = _pool_pass(pool, opts, chosen, lines, pool_parts, bar("read pool"))
+            finally:
+                pool_parts.close()
+
+            # Pass 4: checks per partition; re-select where the pool's order decides ties.
+            n_found, first_missing, n_missing, reread = 0, None, 0, []
+            for p in range(spill.parts.parts):
+                srows = spill.parts.read(p)
+                if not len(srows):
+                    continue
+                srows = srows[np.lexsort((srows["cid"], srows["pid"]))]
+                prows = pool_parts.read(p)
+                prows = prows[np.argsort(keys16(prows["pid"], prows["cid"]), kind="stable")]
+                pk = keys16(prows["pid"], prows["cid"])
+                if len(pk) > 1 and (pk[1:] == pk[:-1]).any():
+                    # iter_pool's own duplicate check names the file and line
+                    for _ in iter_pool(pool, opts):
+                        pass
+                    raise LarkError("duplicate (problem_id, candidate_id) in the pool",
+                                    where=str(pool))
+                sk = keys16(srows["pid"], srows["cid"])
+                j = np.minimum(np.searchsorted(pk, sk), max(len(pk) - 1, 0))
+                present = (pk[j] == sk) if len(pk) else np.zeros(len(sk), bool)
+                if not present.all():
+                    n_missing += int((~present).sum())
+                    m = srows[~present][0]
+                    key = (int(m["pid"]), int(m["cid"]))
+                    first_missing = key if first_missing is None else min(first_missing, key)
+                    continue
+                n_found += len(srows)
+                if policy != "lark":
+                    continue
+                position = prows["idx"][j]
+                order = srows["line"] if spill.by_line else srows["pos"]
+                a = np.lexsort((srows["cid"], order, srows["pid"]))
+                b = np.lexsort((srows["cid"], position, srows["pid"]))
+                if not np.array_equal(a, b):
+                    reread.append((p, srows, position))
+            if first_missing is not None:
+                pid, cid = first_missing
+                raise LarkError(f"{n_missing} scored candidate(s) are not in the pool {pool} "
+                                f"(first: problem {pid}, candidate {cid}); were these scores made "
+                                f"from another pool?", where=source)
+            tie_order = "pool_line" if spill.by_line else "scores file order"
+            if reread:
+                tie_order = "pool file (re-read)"
+                again = {p for p, _, _ in reread}
+                kept = chosen[~np.isin(chosen["part"], list(again))]
+                new = []
+                for p, srows, position in reread:
+                    _, sel, c = choose(p, srows, position)
+                    new.append(c)
+                    infos[p] = sel.info
+                chosen = np.concatenate([kept, *new])
+                chosen = chosen[np.lexsort((chosen["cid"], chosen["pid"]))]
+                lines.rekey(chosen)
+                if not lines.complete():
+                    _pool_pass(pool, opts, chosen, lines, None, bar("read pool again"))
+
+            result = StreamResult(
+                n_problems=n_problems, n_empty=spill.n_empty, n_candidates=spill.n_rows,
+                n_records=len(chosen),
+                n_problems_selected=len(np.unique(chosen["pid"])),
+                selected_tokens=(int(sum(tokens.values())) if "tokens" in spill.complete
+                                 else None),
+                train_weight_sum=float(chosen["weight"].sum()), unscored=n_pool - n_found,
+                info=merge_info([infos[p] for p in sorted(infos)]), tie_order=tie_order,
+                header=spill.header,
+                policy=meta[0], solver=meta[1], train_scale=meta[2])
+            write_selection(out, None, manifest(result), lines=lines.ordered())
+            return result
         finally:
-            pool_parts.close()
-
-        # Pass 4: checks per partition; re-select where the pool's order decides ties.
-        n_found, first_missing, n_missing, reread = 0, None, 0, []
-        for p in range(spill.parts.parts):
-            srows = spill.parts.read(p)
-            if not len(srows):
-                continue
-            srows = srows[np.lexsort((srows["cid"], srows["pid"]))]
-            prows = pool_parts.read(p)
-            prows = prows[np.argsort(keys16(prows["pid"], prows["cid"]), kind="stable")]
-            pk = keys16(prows["pid"], prows["cid"])
-            if len(pk) > 1 and (pk[1:] == pk[:-1]).any():
-                # iter_pool's own duplicate check names the file and line
-                for _ in iter_pool(pool, opts):
-                    pass
-                raise LarkError("duplicate (problem_id, candidate_id) in the pool",
-                                where=str(pool))
-            sk = keys16(srows["pid"], srows["cid"])
-            j = np.minimum(np.searchsorted(pk, sk), max(len(pk) - 1, 0))
-            present = (pk[j] == sk) if len(pk) else np.zeros(len(sk), bool)
-            if not present.all():
-                n_missing += int((~present).sum())
-                m = srows[~present][0]
-                key = (int(m["pid"]), int(m["cid"]))
-                first_missing = key if first_missing is None else min(first_missing, key)
-                continue
-            n_found += len(srows)
-            if policy != "lark":
-                continue
-            position = prows["idx"][j]
-            order = srows["line"] if spill.by_line else srows["pos"]
-            a = np.lexsort((srows["cid"], order, srows["pid"]))
-            b = np.lexsort((srows["cid"], position, srows["pid"]))
-            if not np.array_equal(a, b):
-                reread.append((p, srows, position))
-        if first_missing is not None:
-            pid, cid = first_missing
-            raise LarkError(f"{n_missing} scored candidate(s) are not in the pool {pool} "
-                            f"(first: problem {pid}, candidate {cid}); were these scores made "
-                            f"from another pool?", where=source)
-        tie_order = "pool_line" if spill.by_line else "scores file order"
-        if reread:
-            tie_order = "pool file (re-read)"
-            again = {p for p, _, _ in reread}
-            kept = chosen[~np.isin(chosen["part"], list(again))]
-            new = []
-            for p, srows, position in reread:
-                _, sel, c = choose(p, srows, position)
-                new.append(c)
-                infos[p] = sel.info
-            chosen = np.concatenate([kept, *new])
-            chosen = chosen[np.lexsort((chosen["cid"], chosen["pid"]))]
-            lines.rekey(chosen)
-            if not lines.complete():
-                _pool_pass(pool, opts, chosen, lines, None, bar("read pool again"))
-
-        result = StreamResult(
-            n_problems=n_problems, n_empty=spill.n_empty, n_candidates=spill.n_rows,
-            n_records=len(chosen),
-            n_problems_selected=len(np.unique(chosen["pid"])),
-            selected_tokens=(int(sum(tokens.values())) if "tokens" in spill.complete
-                             else None),
-            train_weight_sum=float(chosen["weight"].sum()), unscored=n_pool - n_found,
-            info=merge_info([infos[p] for p in sorted(infos)]), tie_order=tie_order,
-            header=spill.header,
-            policy=meta[0], solver=meta[1], train_scale=meta[2])
-        write_selection(out, None, manifest(result), lines=lines.ordered())
-        return result
+            lines.f.close()  # on an error too (the spill is removed)
 
 
 class _Lines:
