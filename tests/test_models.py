@@ -75,6 +75,27 @@ def test_attention_kernels_match_float64_oracle():
     assert np.abs(block - want).max() < 1e-5
 
 
+def test_bf16_attention_in_the_kv_cache_layout_on_cpu():
+    """The KV cache's layout ([B, Hkv, S, D]) in bfloat16: XLA:CPU lacks the bf16 dot it
+    would use (decoding a bf16 student on CPU failed); the result is the float64 oracle's
+    on the bf16-rounded inputs, to bf16's precision."""
+    rng = np.random.RandomState(1)
+    b, t, h, kvh, d = 2, 5, 4, 2, 16
+    q, k, v = (rng.randn(b, t, n, d).astype(np.float32) for n in (h, kvh, kvh))
+    q, k, v = (np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)) for x in (q, k, v))
+    idx = np.broadcast_to(np.arange(t), (b, t))
+    seg = np.zeros((b, t), np.int32)
+    valid = np.ones((b, t), bool)
+    want = _np_attention(q, k, v, idx[:, None, :] <= idx[:, :, None])
+    got = dense_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q,)),
+                          jnp.asarray(k, jnp.bfloat16).transpose(0, 2, 1, 3),
+                          jnp.asarray(v, jnp.bfloat16).transpose(0, 2, 1, 3),
+                          *(jnp.asarray(x) for x in (idx, idx, seg, seg, valid)),
+                          kv_heads_first=True)
+    assert got.dtype == jnp.bfloat16
+    assert np.abs(np.asarray(got, np.float32) - want).max() < 3e-2
+
+
 def test_blockwise_attention_gradients_equal_dense():
     """Training backpropagates through the checkpointed tiles: same gradients as dense."""
     rng = np.random.RandomState(1)

@@ -51,6 +51,10 @@ def dense_attention(q, k, v, q_idx, kv_idx, q_seg, kv_seg, kv_valid, *,
     mask = _mask(q_idx, kv_idx, q_seg, kv_seg, kv_valid)[:, None, None]
     s = jnp.where(mask, s, NEG)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    if kv_heads_first and v.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+        # XLA:CPU has no bf16 x bf16 -> f32 dot for this contraction (the KV cache's
+        # layout): the same products in float32 (exact for bf16 inputs) instead.
+        p, v = p.astype(jnp.float32), v.astype(jnp.float32)
     o = jnp.einsum(f"bkgts,{kv}->btkgd", p, v, preferred_element_type=jnp.float32)
     return o.reshape(b, t, h, d).astype(q.dtype)
 
