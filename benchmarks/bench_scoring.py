@@ -64,6 +64,9 @@ def main(argv=None):
     ap.add_argument("--torch-device", default="cpu")
     ap.add_argument("--attention", default="auto",
                     choices=["auto", "dense", "blockwise", "flash"])
+    ap.add_argument("--vocab-kernel", default="xla", choices=["xla", "pallas"],
+                    help="ScoreConfig.vocab_kernel of lark-jax's runs (pallas: the fused "
+                         "head + statistics kernel; interpreted, slowly, on a CPU)")
     ap.add_argument("--compare-attention", default="",
                     help="comma-separated attention kernels to time as well, after the "
                          "comparator (e.g. flash on GPU); results under lark_jax_<impl>")
@@ -85,7 +88,7 @@ def main(argv=None):
     res = {"machine": common.machine_info(), "args": vars(args)}
     def run_ours(impl: str, tag: str, prefetch: int = args.prefetch):
         cfg = ScoreConfig(batch_tokens=args.batch_tokens, row_length=args.row_length,
-                          prefetch=prefetch)
+                          prefetch=prefetch, vocab_kernel=args.vocab_kernel)
         t0 = time.perf_counter()
         student = lark_jax.load_student(student_dir, dtype=args.dtype, attn_impl=impl)
         s1 = score_pool(student, pool, work / f"scores_{tag}.json", cfg)

@@ -165,6 +165,10 @@ def _add_score(p):
     p.add_argument("--max-tokens", type=int, default=None,
                    help="drop trajectories longer than this many tokens (chat template "
                         "included), counted in the scores' pool_filters")
+    p.add_argument("--vocab-kernel", default="xla", choices=["xla", "pallas"],
+                   help="how the head and the statistics run: xla (in chunks of "
+                        "--chunk-tokens logits) or pallas (one fused kernel, no logits in "
+                        "memory; interpreted, slowly, on a CPU)")
     p.add_argument("--estimator", default="proxy", choices=["proxy", "gradient"],
                    help="proxy = the forward-pass Brier/L of the paper; gradient = the exact "
                         "rate ||grad L||^2/L (one backward pass per trajectory)")
@@ -179,7 +183,7 @@ def _run_score(args, rep: Reporter) -> None:
                       batch_tokens=args.batch_tokens, row_length=args.row_length,
                       chunk_tokens=args.chunk_tokens, estimator=args.estimator,
                       compat=args.compat, max_tokens=args.max_tokens,
-                      prefetch=args.prefetch)
+                      prefetch=args.prefetch, vocab_kernel=args.vocab_kernel)
     cfg.validate()
     options = _score_pool_options(args)
     devices = None

@@ -4,6 +4,7 @@ import dataclasses
 import itertools
 import json
 import threading
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -132,7 +133,7 @@ def test_g_hat_is_the_gradient_of_mixture_learnability(losses, rhos):
 def oracle_scores(model, tok, pool_path, k, max_length):
     """Reference computation: one record at a time, full logits from transformers."""
     rows = {}
-    for line in open(pool_path, encoding="utf-8"):
+    for line in Path(pool_path).read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
         msgs = rec["messages"]
         full = tok(tok.apply_chat_template(msgs, tokenize=False),
@@ -221,6 +222,28 @@ def test_flash_attention_scores_equal_default_on_one_and_eight_devices(hf_studen
                 assert a["candidate_id"] == b["candidate_id"] and a["tokens"] == b["tokens"]
                 np.testing.assert_allclose([a["L"], a["Brier"], a["g_hat"]],
                                            [b["L"], b["Brier"], b["g_hat"]], rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_dev", [1, 8])
+def test_pallas_vocab_kernel_scores_as_the_transformers_oracle(hf_students, tmp_path, n_dev):
+    """score --vocab-kernel pallas (the fused kernel, interpreted on CPU) against the float64
+    transformers oracle, on one device and on eight (rows over "data")."""
+    d, ref = hf_students["llama3_rope_untied_bias"]
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=2)
+    student = lark_jax.load_student(d, mesh=make_mesh(devices=jax.devices()[:n_dev]))
+    cfg = ScoreConfig(top_k=20, row_length=128, batch_tokens=1024, vocab_kernel="pallas")
+    score_pool(student, pool, tmp_path / "scores.json", cfg)
+    got = json.loads((tmp_path / "scores.json").read_text())
+    want = oracle_scores(ref, student.tokenizer, pool, 20, cfg.max_length)
+    assert got["n_scored"] == len(want) == 6
+    for pid, cands in got["scores"].items():
+        for c in cands:
+            w = want[(int(pid), c["candidate_id"])]
+            assert c["tokens"] == len(w)
+            np.testing.assert_allclose(
+                [c["L"], c["Brier"], c["brier_full"], c["rsr"]],
+                [w[:, 0].mean(), w[:, 1].mean(), w[:, 2].mean(), w[:, 3].sum() / w[:, 0].sum()],
+                rtol=1e-4)
 
 
 def test_prefetch_keeps_order_and_reraises_where_the_error_happened():

@@ -24,10 +24,10 @@ from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from lark_jax.learnability.conventions import RANK_CLIP
 from lark_jax.numerics import blocks, vocab_blocks
 from lark_jax.shapes import pow2_divisor
 
-RANK_CLIP = 100
 STATS = ("ce", "brier_topk", "brier_full", "rank", "tokens")
 
 
@@ -127,22 +127,34 @@ def _head_stats_local(hidden, targets, weights, segments, w_head, *, top_k, max_
     return acc.reshape(b, max_segments, len(STATS))
 
 
+VOCAB_KERNELS = ("xla", "pallas")
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "top_k", "max_segments", "chunk_tokens",
-                                             "mesh", "round_logits"))
+                                             "mesh", "round_logits", "vocab_kernel"))
 def score_batch(graphdef, state, ids, positions, segments, targets, weights, *, top_k: int,
                 max_segments: int, chunk_tokens: int = 1024, mesh=None,
-                round_logits: str | None = None):
+                round_logits: str | None = None, vocab_kernel: str = "xla"):
     """Per-(row, segment) sums of the statistics: float32 [B, max_segments, 5].
 
     The last channel counts scored tokens. Padding (segment -1) and unscored
     positions (weight 0) contribute nothing. The model runs under the mesh's
     shardings; the head and statistics run per device (``shard_map`` over
-    "data"), each on its own rows.
+    "data"), each on its own rows. ``vocab_kernel="pallas"``: the head and statistics as
+    the fused Pallas kernel (``pallas_vocab``: no [chunk, V] logits in memory; interpreted
+    on a CPU, where it is slow and only a check), instead of chunked XLA.
     """
     model = nnx.merge(graphdef, state)
     hidden = model.hidden_states(ids, positions, segments)
-    local = functools.partial(_head_stats_local, top_k=top_k, max_segments=max_segments,
-                              chunk_tokens=chunk_tokens, round_logits=round_logits)
+    if vocab_kernel == "pallas":
+        from lark_jax.learnability.pallas_vocab import segment_stats
+
+        local = functools.partial(segment_stats, top_k=top_k, max_segments=max_segments,
+                                  round_logits=round_logits,
+                                  interpret=jax.default_backend() == "cpu")
+    else:
+        local = functools.partial(_head_stats_local, top_k=top_k, max_segments=max_segments,
+                                  chunk_tokens=chunk_tokens, round_logits=round_logits)
     if mesh is None:
         return local(hidden, targets, weights, segments, model.head_weight())
     data = P("data")

@@ -47,7 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lark_jax.errors import LarkError
-from lark_jax.learnability.kernel import RANK_CLIP
+from lark_jax.learnability.conventions import RANK_CLIP
 from lark_jax.shapes import pow2_divisor
 
 _BIG = jnp.iinfo(jnp.int32).max

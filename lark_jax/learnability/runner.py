@@ -62,6 +62,9 @@ class ScoreConfig:
     # logits to bfloat16 before the float32 statistics (a bf16 forward + .float()).
     compat: str | None = None
     max_tokens: int | None = None  # drop trajectories longer than this (a filter, counted)
+    # "xla": the head and statistics in chunks of chunk_tokens (the default); "pallas": the
+    # fused Pallas kernel (learnability.pallas_vocab), no [chunk, V] logits in memory
+    vocab_kernel: str = "xla"
 
     def validate(self) -> None:
         if self.brier not in ("topk", "full"):
@@ -78,6 +81,8 @@ class ScoreConfig:
             raise LarkError("--prefetch must be >= 0")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise LarkError("--max-tokens must be >= 1")
+        if self.vocab_kernel not in ("xla", "pallas"):
+            raise LarkError(f"--vocab-kernel must be xla or pallas, got {self.vocab_kernel!r}")
         if self.compat not in (None, "reference"):
             raise LarkError(f"--compat must be 'reference' (or absent), got {self.compat!r}")
 
@@ -353,6 +358,8 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
               "estimator": cfg.estimator, "compat": cfg.compat,
               # the forward dtype changes every statistic: a resume must not mix two
               "dtype": str(student.model.dtype)}
+    if cfg.vocab_kernel != "xla":  # the kernels agree to float rounding, not bit for bit
+        header["vocab_kernel"] = cfg.vocab_kernel
     if options != PoolOptions() or cfg.max_tokens is not None:  # old sidecars stay valid
         header["pool_options"] = {**options.describe(), "max_tokens": cfg.max_tokens}
     n_proc, proc = jax.process_count(), jax.process_index()
@@ -592,4 +599,5 @@ def _run_batch(graphdef, state, arrays, batch: PackedBatch, cfg: ScoreConfig, to
     max_seg = 1 << math.ceil(math.log2(max_seg)) if max_seg > 1 else 1
     # Returned undone: the caller fetches it after dispatching the next batch.
     return score_batch(graphdef, state, *arrays, top_k=top_k, max_segments=max_seg,
-                       chunk_tokens=cfg.chunk_tokens, mesh=mesh, round_logits=round_logits)
+                       chunk_tokens=cfg.chunk_tokens, mesh=mesh, round_logits=round_logits,
+                       vocab_kernel=cfg.vocab_kernel)
