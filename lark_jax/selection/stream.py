@@ -414,14 +414,18 @@ def _select_streaming(scores, pool, out, manifest, parent: Path, *, policy, budg
 
             # Pass 4: checks per partition; re-select where the pool's order decides ties.
             n_found, first_missing, n_missing, reread = 0, None, 0, []
-            for p in range(spill.parts.parts):
+            def joined(p: int):
+                """Partition p's scored rows, sorted, and the pool's sorted keys and indices."""
                 srows = spill.parts.read(p)
-                if not len(srows):
-                    continue
                 srows = srows[np.lexsort((srows["cid"], srows["pid"]))]
                 prows = pool_parts.read(p)
                 prows = prows[np.argsort(keys16(prows["pid"], prows["cid"]), kind="stable")]
-                pk = keys16(prows["pid"], prows["cid"])
+                return srows, keys16(prows["pid"], prows["cid"]), prows["idx"]
+
+            for p in range(spill.parts.parts):
+                if not spill.parts.paths[p].stat().st_size:
+                    continue
+                srows, pk, pidx = joined(p)
                 if len(pk) > 1 and (pk[1:] == pk[:-1]).any():
                     # iter_pool's own duplicate check names the file and line
                     for _ in iter_pool(pool, opts):
@@ -440,12 +444,11 @@ def _select_streaming(scores, pool, out, manifest, parent: Path, *, policy, budg
                 n_found += len(srows)
                 if policy != "lark":
                     continue
-                position = prows["idx"][j]
                 order = srows["line"] if spill.by_line else srows["pos"]
                 a = np.lexsort((srows["cid"], order, srows["pid"]))
-                b = np.lexsort((srows["cid"], position, srows["pid"]))
+                b = np.lexsort((srows["cid"], pidx[j], srows["pid"]))
                 if not np.array_equal(a, b):
-                    reread.append((p, srows, position))
+                    reread.append(p)  # only its number: a partition is read again when needed
             if first_missing is not None:
                 pid, cid = first_missing
                 raise LarkError(f"{n_missing} scored candidate(s) are not in the pool {pool} "
@@ -454,10 +457,11 @@ def _select_streaming(scores, pool, out, manifest, parent: Path, *, policy, budg
             tie_order = "pool_line" if spill.by_line else "scores file order"
             if reread:
                 tie_order = "pool file (re-read)"
-                again = {p for p, _, _ in reread}
-                kept = chosen[~np.isin(chosen["part"], list(again))]
+                kept = chosen[~np.isin(chosen["part"], reread)]
                 new = []
-                for p, srows, position in reread:
+                for p in reread:
+                    srows, pk, pidx = joined(p)
+                    position = pidx[np.searchsorted(pk, keys16(srows["pid"], srows["cid"]))]
                     _, sel, c = choose(p, srows, position)
                     new.append(c)
                     infos[p] = sel.info
