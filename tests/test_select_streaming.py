@@ -291,3 +291,39 @@ def test_bad_verdicts_are_one_error_from_either_path(tmp_path):
         with pytest.raises(LarkError, match=r"bad\.json: .*correct"):
             select_files(tmp_path, pool, bad, "v.jsonl", "--policy", "verified", *mem)
     assert not (tmp_path / "out").exists()
+
+
+def test_score_parquet_resumes_to_the_uninterrupted_file(hf_students, tmp_path):
+    """A parquet scoring run stopped after its first batch keeps its sidecar; --resume
+    skips the rows there (known by key, the rows themselves are not held) and the result
+    equals an uninterrupted run's."""
+    d, _ = hf_students["qwen2_bias_tied"]
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=6)
+    student = lark_jax.load_student(d, mesh=one_device(), tokenizer=True)
+    cfg = ScoreConfig(row_length=128, batch_tokens=256, window_tokens=256)
+    score_pool(student, pool, tmp_path / "whole.parquet", cfg)
+
+    class Stop(Exception):
+        pass
+
+    def stop(n, tokens):
+        raise Stop
+
+    with pytest.raises(Stop):
+        score_pool(student, pool, tmp_path / "part.parquet", cfg, progress=stop)
+    sidecar = tmp_path / "part.parquet.partial.jsonl"
+    done = len(sidecar.read_text().splitlines()) - 1
+    assert 0 < done < 18 and not (tmp_path / "part.parquet").exists()
+    summary = score_pool(student, pool, tmp_path / "part.parquet", cfg, resume=True)
+    assert summary.n_resumed == done and summary.n_scored == 18
+    key = lambda r: (r["problem_id"], r["candidate_id"])  # noqa: E731
+    whole = sorted(pq.read_table(tmp_path / "whole.parquet").to_pylist(), key=key)
+    part = sorted(pq.read_table(tmp_path / "part.parquet").to_pylist(), key=key)
+    assert not sidecar.exists() and len(part) == len(whole) == 18
+    for a, b in zip(part, whole, strict=True):  # batches differ: floats to rounding
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], float):
+                assert a[k] == pytest.approx(b[k], rel=1e-6), k
+            else:
+                assert a[k] == b[k], k
