@@ -38,6 +38,17 @@ class Record:
         return (self.problem_id, self.candidate_id)
 
 
+def pack_keys(pids, cids):
+    """(problem_id, candidate_id) pairs as 16-byte items whose byte order is the numeric
+    order (each int64 big-endian with its sign bit flipped), so that np.sort,
+    np.searchsorted and np.isin work on whole pairs."""
+    import numpy as np  # here, not at import: the CLI's parser imports this module
+
+    flip = np.int64(-(2 ** 63))
+    both = np.stack([np.asarray(pids, np.int64) ^ flip, np.asarray(cids, np.int64) ^ flip], 1)
+    return np.ascontiguousarray(both.astype(">i8")).view(np.dtype((np.void, 16))).ravel()
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 

@@ -29,7 +29,7 @@ from lark_jax.data.layouts import (
     problem_records,
     trajectory_records,
 )
-from lark_jax.data.pool import Record
+from lark_jax.data.pool import Record, pack_keys
 from lark_jax.data.sources import (
     Source,
     arrow_columns,
@@ -116,8 +116,8 @@ class SeenKeys:
 
         if not self.recent:
             return
-        a = np.array(list(self.recent), np.int64) ^ np.int64(-(2 ** 63))
-        new = np.ascontiguousarray(a.astype(">i8")).view(np.dtype((np.void, 16))).ravel()
+        a = np.array(list(self.recent), np.int64).reshape(-1, 2)
+        new = pack_keys(a[:, 0], a[:, 1])
         if self.sorted is None or not len(self.sorted):
             self.sorted = np.sort(new)
         else:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from lark_jax import fsio
+from lark_jax.data.pool import pack_keys
 from lark_jax.data.reader import PoolOptions, iter_pool
 from lark_jax.errors import LarkError, json_msg
 
@@ -210,11 +211,6 @@ def load_scores(path: str | os.PathLike, *, need: Sequence[str] = (),
     return table
 
 
-def _as_rows(pairs: np.ndarray) -> np.ndarray:
-    """[M, 2] int64 -> [M] opaque 16-byte items, so that np.isin compares whole pairs."""
-    return np.ascontiguousarray(pairs, np.int64).view(np.dtype((np.void, 16))).ravel()
-
-
 def pool_order_agrees(table: ScoreTable, positions: np.ndarray) -> bool:
     """Whether ``table.order`` ranks every problem's candidates as ``positions`` does."""
     big = np.iinfo(np.int64).max
@@ -258,7 +254,8 @@ def gather_pool(pool: str | os.PathLike, table: ScoreTable, wanted: set[tuple[in
                        table.candidate_ids[table.mask]], axis=1)
     in_pool = np.stack([np.frombuffer(pool_pids, np.int64), np.frombuffer(pool_cids, np.int64)],
                        axis=1)
-    present = np.isin(_as_rows(scored), _as_rows(in_pool))
+    present = np.isin(pack_keys(scored[:, 0], scored[:, 1]),
+                      pack_keys(in_pool[:, 0], in_pool[:, 1]))
     if not present.all():
         missing = scored[~present]  # already in (problem, candidate) order
         pid, cid = missing[0].tolist()

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lark_jax.data.pool import pack_keys
 from lark_jax.data.reader import PoolOptions, iter_pool
 from lark_jax.errors import LarkError
 from lark_jax.selection.baselines import _splitmix64
@@ -59,14 +60,6 @@ def _buckets(pids: np.ndarray, parts: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         return (_splitmix64(pids.astype(np.int64).astype(np.uint64))
                 % np.uint64(parts)).astype(np.int64)
-
-
-def keys16(pids: np.ndarray, cids: np.ndarray) -> np.ndarray:
-    """(problem, candidate) as 16-byte items whose byte order is the numeric order (the
-    sign bit flipped, big-endian), so np.sort / np.searchsorted work on whole pairs."""
-    flip = np.int64(-(2 ** 63))
-    both = np.stack([np.asarray(pids, np.int64) ^ flip, np.asarray(cids, np.int64) ^ flip], 1)
-    return np.ascontiguousarray(both.astype(">i8")).view(np.dtype((np.void, 16))).ravel()
 
 
 class Partitions:
@@ -419,8 +412,8 @@ def _select_streaming(scores, pool, out, manifest, parent: Path, *, policy, budg
                 srows = spill.parts.read(p)
                 srows = srows[np.lexsort((srows["cid"], srows["pid"]))]
                 prows = pool_parts.read(p)
-                prows = prows[np.argsort(keys16(prows["pid"], prows["cid"]), kind="stable")]
-                return srows, keys16(prows["pid"], prows["cid"]), prows["idx"]
+                prows = prows[np.argsort(pack_keys(prows["pid"], prows["cid"]), kind="stable")]
+                return srows, pack_keys(prows["pid"], prows["cid"]), prows["idx"]
 
             for p in range(spill.parts.parts):
                 if not spill.parts.paths[p].stat().st_size:
@@ -432,7 +425,7 @@ def _select_streaming(scores, pool, out, manifest, parent: Path, *, policy, budg
                         pass
                     raise LarkError("duplicate (problem_id, candidate_id) in the pool",
                                     where=str(pool))
-                sk = keys16(srows["pid"], srows["cid"])
+                sk = pack_keys(srows["pid"], srows["cid"])
                 j = np.minimum(np.searchsorted(pk, sk), max(len(pk) - 1, 0))
                 present = (pk[j] == sk) if len(pk) else np.zeros(len(sk), bool)
                 if not present.all():
@@ -461,7 +454,7 @@ def _select_streaming(scores, pool, out, manifest, parent: Path, *, policy, budg
                 new = []
                 for p in reread:
                     srows, pk, pidx = joined(p)
-                    position = pidx[np.searchsorted(pk, keys16(srows["pid"], srows["cid"]))]
+                    position = pidx[np.searchsorted(pk, pack_keys(srows["pid"], srows["cid"]))]
                     _, sel, c = choose(p, srows, position)
                     new.append(c)
                     infos[p] = sel.info
@@ -498,7 +491,7 @@ class _Lines:
 
     def rekey(self, chosen: np.ndarray) -> None:
         """A new chosen set: lines already spilled for keys still chosen are kept."""
-        keys = keys16(chosen["pid"], chosen["cid"])
+        keys = pack_keys(chosen["pid"], chosen["cid"])
         off, size = np.full(len(keys), -1, np.int64), np.zeros(len(keys), np.int64)
         if self.keys is not None and len(self.keys) and len(keys):
             j = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
@@ -556,7 +549,7 @@ def _pool_pass(pool, opts: PoolOptions, chosen: np.ndarray, lines: _Lines,
             rows["pid"], rows["cid"], rows["idx"] = pids, cids, np.arange(n, n + len(batch))
             parts.add(rows)
         if len(keys):
-            k = keys16(pids, cids)
+            k = pack_keys(pids, cids)
             j = np.minimum(np.searchsorted(keys, k), len(keys) - 1)
             for i in np.flatnonzero(keys[j] == k).tolist():
                 if lines.off[j[i]] < 0:
@@ -575,5 +568,5 @@ def _pool_pass(pool, opts: PoolOptions, chosen: np.ndarray, lines: _Lines,
     return n
 
 
-__all__ = ["MAX_PARTS", "Partitions", "StreamResult", "keys16", "merge_info", "select_streaming",
+__all__ = ["MAX_PARTS", "Partitions", "StreamResult", "merge_info", "select_streaming",
            "spill_scores", "table_of"]
