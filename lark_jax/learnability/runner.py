@@ -406,7 +406,8 @@ def score_pool(student, pool: str | Path, out: str | Path, cfg: ScoreConfig = Sc
             filters = {"options": header["pool_options"], "dropped": counts.as_dict()}
         if as_parquet:
             sidecar.close()
-            barrier_if(n_proc, "lark_jax_score_rows_done")
+            if n_proc > 1:
+                barrier("lark_jax_score_rows_done")
             if proc != 0:
                 barrier("lark_jax_score_written")
                 sidecar.path.unlink(missing_ok=True)
@@ -479,11 +480,6 @@ def _scores_header(cfg: ScoreConfig, name, filters: dict | None) -> dict:
     return {"method": "lark_ghat", "student_model": str(name), "top_k": cfg.top_k,
             "brier": cfg.brier, "estimator": cfg.estimator, "max_length": cfg.max_length,
             "compat": cfg.compat or "exact", **({"pool_filters": filters} if filters else {})}
-
-
-def barrier_if(n_proc: int, name: str) -> None:
-    if n_proc > 1:
-        barrier(name)
 
 
 def _sidecar_rows(paths: list[Path]) -> Iterator[dict]:
