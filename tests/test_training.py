@@ -566,3 +566,46 @@ def test_identical_runs_are_trained_once_and_equal_a_separate_run(hf_students, t
     np.testing.assert_array_equal(got.losses[1], got.losses[0])
     assert not np.allclose(got.losses[2], got.losses[0])  # another seed: another order
     assert not np.allclose(got.losses[3], got.losses[4])  # unequal weights: objectives differ
+
+
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
+def test_training_in_pieces_continues_one_run_and_switches_data(hf_students, tmp_path):
+    """``train_together(stop=..., resume=...)``: on the same files, two pieces compute the
+    same steps as one call (losses, grad norms, final weights), in both modes, so the
+    schedule and the Adam state carry over; a second piece on other data trains the new
+    file's records from the first piece's state (not the base student)."""
+    from flax import nnx
+
+    from lark_jax.training.together import train_together
+
+    d, _ = hf_students["llama_tied_gqa"]
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=5)
+    data = [write_selection(tmp_path / "a.jsonl", pool, weights=[0.2, 1.0, 2.5]),
+            write_selection(tmp_path / "b.jsonl", pool, weights=[0.0, 1.0, 3.0])]
+    base = TrainConfig(lr=1e-3, batch_size=4, max_steps=5, epochs=100, max_length=512,
+                       micro_batch_tokens=1024, warmup_ratio=0.2)
+    cfgs = [dataclasses.replace(base, seed=0), dataclasses.replace(base, seed=1)]
+    student = lark_jax.load_student(d, mesh=one_device())
+    leaves = lambda t, r: jax.tree.leaves(nnx.state(t.student(r).model))  # noqa: E731
+    for mode in ("loop", "vmap"):
+        whole = train_together(student, data, cfgs, mode=mode)
+        first = train_together(student, data, cfgs, mode=mode, stop=2)
+        assert first.steps == (0, 2) and first.losses.shape == (2, 2)
+        rest = train_together(student, data, cfgs, mode=mode, resume=first)
+        assert rest.steps == (2, 5)
+        np.testing.assert_allclose(np.concatenate([first.losses, rest.losses], 1),
+                                   whole.losses, rtol=1e-5)
+        np.testing.assert_allclose(np.concatenate([first.grad_norms, rest.grad_norms], 1),
+                                   whole.grad_norms, rtol=1e-4)
+        for r in range(2):
+            for a, b in zip(leaves(rest, r), leaves(whole, r), strict=True):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
+    # Switching data: run 0's second piece on b.jsonl. Its steps are b's records (the
+    # tokens trained on are b's at those steps), taken from a's first piece's weights.
+    switched = train_together(student, [data[1], data[1]], cfgs, mode="loop", resume=first)
+    on_b = train_together(student, [data[1]], [cfgs[0]], mode="loop")
+    assert switched.tokens[0].tolist() == on_b.tokens[0, 2:].tolist()
+    assert not np.allclose(switched.losses[0], on_b.losses[0, 2:])  # other starting weights
+    assert switched.same_as == [0, 1]  # resumed runs are never merged
+    with pytest.raises(LarkError, match="stop must be"):
+        train_together(student, data, cfgs, mode="loop", stop=2, resume=first)

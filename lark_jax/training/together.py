@@ -66,6 +66,10 @@ class TrainedTogether:
     # Per run, the first run that computes exactly the same steps (itself if none):
     # identical runs are trained once and share their results.
     same_as: list[int] = dataclasses.field(default_factory=list)
+    # Each run's optimizer state (Adam moments and step count: the schedule's position),
+    # what ``train_together(..., resume=...)`` continues from.
+    opt_states: list = dataclasses.field(default_factory=list)
+    steps: tuple[int, int] = (0, 0)  # the [start, stop) of global steps this call trained
 
     def student(self, r: int):
         """Run ``r``'s fine-tuned student (same tokenizer, config and mesh as the base)."""
@@ -104,20 +108,21 @@ def _check_configs(data, configs, mode: str) -> None:
                             "bfloat16 compute)")
 
 
-def _distinct_runs(tok, data, configs):
-    """Each run's records and per-step (record indices, D); runs whose every step would
-    compute the same thing (same tokens, coefficients, normalisers and record order) are
-    kept once: e.g. LARK at budget 1 under the record and the reference objective, where
-    every chosen record weighs 1. Returns (the distinct runs, same_as)."""
+def _distinct_runs(tok, data, configs, start: int, stop: int, dedupe: bool):
+    """Each run's records and per-step (record indices, D) for global steps [start, stop);
+    runs whose every step would compute the same thing (same tokens, coefficients,
+    normalisers and record order) are kept once when ``dedupe``: e.g. LARK at budget 1
+    under the record and the reference objective, where every chosen record weighs 1.
+    Returns (the distinct runs, same_as)."""
     runs = []
     for path, c in zip(data, configs, strict=True):
         ex, _ = read_selection(path, tok, c.max_length, c.objective, c.system_turn)
         plan = StepPlan(len(ex), c.batch_size, c.epochs, c.max_steps, c.seed)
         steps = [(idx, step_denominator(ex, idx, c.objective))
-                 for idx in map(plan.step_indices, range(c.max_steps))]
+                 for idx in map(plan.step_indices, range(start, stop))]
         runs.append((ex, steps, c))
     keys = [_run_key(ex, c.objective, steps) for ex, steps, c in runs]
-    same_as = [keys.index(k) for k in keys]
+    same_as = [keys.index(k) for k in keys] if dedupe else list(range(len(runs)))
     return [runs[r] for r in sorted(set(same_as))], same_as
 
 
@@ -138,16 +143,33 @@ def _step_batch(run, step: int, row_len: int, batch_size: int):
 
 
 def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainConfig], *,
-                   mode: str = "auto", progress: Callable[..., None] | None = None
+                   mode: str = "auto", progress: Callable[..., None] | None = None,
+                   stop: int | None = None, resume: TrainedTogether | None = None
                    ) -> TrainedTogether:
     """Fine-tune ``student`` (a loaded Student, float32) on each selection file ``data[r]``
     with ``configs[r]`` (which may differ in ``seed`` and ``objective`` only; see SHARED),
     every run through one compiled step (``mode``: "vmap", "loop" or "auto", see the module
-    docstring). ``progress(step, total)`` after every step."""
+    docstring). ``progress(step, total)`` after every step.
+
+    A run can be trained in pieces, each piece on its own data (iterative selection):
+    ``stop`` ends this call after global step ``stop`` (default ``max_steps``), and
+    ``resume`` (the result of the previous piece, same runs in the same order) continues
+    each run from its weights and optimizer state, so the schedule, the Adam moments and
+    the step count go on as in one uninterrupted run. Global step s of a piece trains the
+    records ``StepPlan(...).step_indices(s)`` of *that piece's* file: on the same files,
+    pieces compute exactly the steps of one call (tested). Runs of a resumed call are
+    never merged (their starting states differ)."""
     _check_configs(data, configs, mode)
     cfg0 = configs[0]
     total = cfg0.max_steps
-    runs, same_as = _distinct_runs(student.tokenizer, data, configs)
+    start = resume.steps[1] if resume is not None else 0
+    stop = total if stop is None else stop
+    if not start < stop <= total:
+        raise LarkError(f"train_together: stop must be in ({start}, {total}], got {stop}")
+    if resume is not None and len(resume.params) != len(data):
+        raise LarkError(f"resume holds {len(resume.params)} runs, this call {len(data)}")
+    runs, same_as = _distinct_runs(student.tokenizer, data, configs, start, stop,
+                                   dedupe=resume is None)
     unique = sorted(set(same_as))
     # One row length for the whole call (compiled once), so it need not be a power of
     # two: 8 steps per octave. Dense attention's cost per token grows with the row: the
@@ -164,29 +186,34 @@ def train_together(student, data: Sequence[str | Path], configs: Sequence[TrainC
     tx = make_optimizer(cfg0, total)
     one = functools.partial(one_batch_update, functools.partial(_loss_sums, graphdef,
                                                                 cfg0.chunk_tokens), tx)
-    stepper = (_Stacked if mode == "vmap" else _OneByOne)(one, tx, params, len(runs), rep)
-    losses, gnorms = np.zeros((len(runs), total)), np.zeros((len(runs), total))
-    tokens = np.zeros((len(runs), total), np.int64)
+    init = ([(params, jax.device_put(tx.init(params), rep))] * len(runs) if resume is None
+            else [(jax.device_put(resume.params[r], rep),
+                   jax.device_put(resume.opt_states[r], rep)) for r in unique])
+    stepper = (_Stacked if mode == "vmap" else _OneByOne)(one, init, rep)
+    n = stop - start
+    losses, gnorms = np.zeros((len(runs), n)), np.zeros((len(runs), n))
+    tokens = np.zeros((len(runs), n), np.int64)
     pending = None
-    for step in range(total):
-        mbs, denoms, tokens[:, step] = zip(*(_step_batch(r, step, row_len, cfg0.batch_size)
-                                             for r in runs), strict=True)
+    for i in range(n):
+        mbs, denoms, tokens[:, i] = zip(*(_step_batch(r, i, row_len, cfg0.batch_size)
+                                          for r in runs), strict=True)
         loss, gnorm = stepper(mbs, np.asarray(denoms, np.float32), row_len)
         if pending is not None:  # fetch the previous step's numbers while this one runs
-            losses[:, step - 1], gnorms[:, step - 1] = jax.device_get(pending)
+            losses[:, i - 1], gnorms[:, i - 1] = jax.device_get(pending)
         pending = (loss, gnorm)
         if progress is not None:
-            progress(step + 1, total)
-    losses[:, total - 1], gnorms[:, total - 1] = jax.device_get(pending)
+            progress(start + i + 1, total)
+    losses[:, n - 1], gnorms[:, n - 1] = jax.device_get(pending)
     bad = ~np.isfinite(losses)
     if bad.any():
         u, s = np.argwhere(bad)[0]
         r = unique[u]
-        raise LarkError(f"loss of run {r} ({data[r]}) became {losses[u, s]} at step {s + 1}")
+        raise LarkError(f"loss of run {r} ({data[r]}) became {losses[u, s]} at step "
+                        f"{start + s + 1}")
     back = [unique.index(same_as[r]) for r in range(len(data))]
-    states = stepper.states()
+    states, opts = stepper.states()
     return TrainedTogether(student, [states[i] for i in back], losses[back], gnorms[back],
-                           tokens[back], same_as)
+                           tokens[back], same_as, [opts[i] for i in back], (start, stop))
 
 
 def _loss_sums(graphdef, chunk_tokens: int, params, batch: dict):
@@ -200,10 +227,11 @@ _BATCH_DTYPES = {"ids": np.int32, "positions": np.int32, "segments": np.int32,
 class _OneByOne:
     """The same compiled (unbatched) step run once per run, each on its own row count."""
 
-    def __init__(self, one, tx, params, n_runs: int, rep):
-        # every run its own copy (the base stays untouched: the step donates its inputs)
-        self.params = [jax.tree.map(jnp.copy, params) for _ in range(n_runs)]
-        self.opts = [jax.device_put(tx.init(p), rep) for p in self.params]
+    def __init__(self, one, init, rep):
+        # every run its own copy (the base, or a resumed result, stays untouched: the step
+        # donates its inputs)
+        self.params = [jax.tree.map(jnp.copy, p) for p, _ in init]
+        self.opts = [jax.tree.map(jnp.copy, o) for _, o in init]
         self.step = jax.jit(one, donate_argnums=(0, 1))
 
     def __call__(self, mbs, denoms, row_len: int):
@@ -216,17 +244,18 @@ class _OneByOne:
         return [o[0] for o in out], [o[1] for o in out]
 
     def states(self):
-        return self.params
+        return self.params, self.opts
 
 
 class _Stacked:
     """Parameters and Adam states stacked on a leading run axis, one ``jax.vmap``-ed step
     for all runs (every run gets the largest row count of the step)."""
 
-    def __init__(self, one, tx, params, n_runs: int, rep):
-        self.params = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_runs, *x.shape)), params)
-        self.opt = jax.device_put(jax.vmap(tx.init)(self.params), rep)
-        self.n_runs = n_runs
+    def __init__(self, one, init, rep):
+        stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+        self.params = jax.device_put(jax.tree.map(stack, *[p for p, _ in init]), rep)
+        self.opt = jax.device_put(jax.tree.map(stack, *[o for _, o in init]), rep)
+        self.n_runs = len(init)
         self.step = jax.jit(jax.vmap(one), donate_argnums=(0, 1))
 
     def __call__(self, mbs, denoms, row_len: int):
@@ -237,7 +266,9 @@ class _Stacked:
         return loss, gnorm
 
     def states(self):
-        return [jax.tree.map(lambda x, r=r: x[r], self.params) for r in range(self.n_runs)]
+        take = lambda tree, r: jax.tree.map(lambda x: x[r], tree)  # noqa: E731
+        return ([take(self.params, r) for r in range(self.n_runs)],
+                [take(self.opt, r) for r in range(self.n_runs)])
 
 
 def _run_key(ex, objective: str, steps) -> str:
