@@ -241,9 +241,9 @@ def test_demo_end_to_end_outputs(demo_run):
         assert 0 <= r["acc"]["mean"] <= 1 and 0 <= r["step_acc"]["mean"] <= 1
         assert r["ref_loss"]["mean"] > 0
         assert sum(r["teacher_mix"].values()) == pytest.approx(1.0)
-        # Same number of epochs for every method (tiny: 1 epoch of batches of 8), so 'all'
-        # (96 records) takes 12 steps and a budget-1 selection (12 records) 2; except
-        # all-equal-steps: every candidate for a budget-1 selection's 2 steps.
+        # Same number of epochs for every method (tiny: 2 epochs of batches of 8), so 'all'
+        # (96 records) takes 24 steps and a budget-1 selection (12 records) 4; except
+        # all-equal-steps: every candidate for a budget-1 selection's 4 steps.
         lines = (out / "runs" / f"{m}-s0" / "metrics.jsonl").read_text().splitlines()
         own = m != "all-equal-steps"
         n_run = r["n_records"] if own else cfg.task.n_pool
@@ -302,6 +302,7 @@ def test_demo_end_to_end_outputs(demo_run):
         assert (out / "plots" / f"{name}.png").read_bytes()[:8] == PNG
     check_controls(out, rows, results, pool)
     check_trajectories(out, cfg, results, pool)
+    check_iterative(out, cfg, rows, results)
 
 
 def _selection(out, name):
@@ -332,6 +333,53 @@ def check_controls(out, rows, results, pool):
         p = results["paired"][key]
         a, b = key.split(" - ")
         assert p["mean"] == pytest.approx(rows[a]["acc"]["mean"] - rows[b]["acc"]["mean"])
+
+
+def check_iterative(out, cfg, rows, results):
+    """lark-iterative: as long as LARK; its first round is LARK's run step for step (same
+    selection, seed and schedule); each later round trains the LARK selection of the pool
+    as re-scored by the student at the round's start, and that re-score is the student
+    trained on the first round (recomputed here from the cached student)."""
+    from lark_jax import load_student
+    from lark_jax.demo.stages import _train_config, score_config
+    from lark_jax.learnability.runner import score_pool
+    from lark_jax.selection import load_scores, select
+    from lark_jax.training.together import train_together
+
+    it, lark = rows["lark-iterative"], rows["lark"]
+    assert it["steps"] == lark["steps"] == 2 * math.ceil(cfg.task.n_pool / 8)
+    rounds = it["rounds"]["0"]
+    per_epoch = math.ceil(cfg.task.n_pool / 8)
+    assert [r["steps"] for r in rounds] == [[0, per_epoch], [per_epoch, 2 * per_epoch]]
+    assert rounds[0]["changed"] is None and 0 <= rounds[1]["changed"] <= 1
+    loss = lambda name: [json.loads(x)["loss"] for x in  # noqa: E731
+                         (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(loss("lark-iterative-s0")[:per_epoch],
+                               loss("lark-s0")[:per_epoch], rtol=1e-5)
+    assert _selection(out, "lark-iterative-s0") == _selection(out, "lark-s0")
+    rescored = out / "diagnostics" / "scores_lark-iterative-s0-r1.json"
+    again = select(load_scores(rescored, need=("g_hat",)), "lark", cfg.budget, seed=0)
+    table = load_scores(rescored, need=("g_hat",))
+    r1 = {(m["problem_id"], m["candidate_id"]) for m in _selection(out, "lark-iterative-s0-r1")}
+    assert r1 == {(int(table.problem_ids[i]), int(table.candidate_ids[i, j]))
+                  for i, j in zip(*np.nonzero(again.chosen), strict=True)}
+    # The re-scoring student: the base trained for the first round on LARK's selection.
+    base = load_student(results["student"]["path"], mesh=one_device())
+    first = train_together(base, [out / "selections" / "lark-iterative-s0.jsonl"],
+                           [_train_config(cfg, 0, "record", it["steps"])], stop=per_epoch)
+    mine = out.parent / "rescore_check.json"
+    score_pool(first.student(0), out / "task" / "pool.jsonl", mine, score_config(cfg))
+    want, got = load_scores(mine, need=("L",)), load_scores(rescored, need=("L",))
+    np.testing.assert_allclose(got.fields["L"][got.mask], want.fields["L"][want.mask],
+                               rtol=1e-4)
+    base_l = load_scores(out / "scores.json", need=("L",))
+    assert not np.allclose(got.fields["L"][got.mask], base_l.fields["L"][base_l.mask])
+    assert results["config"]["iterative_epochs"] == 1
+    for key in ("lark-iterative - lark", "lark-iterative - random"):
+        p = results["paired"][key]
+        a, b = key.split(" - ")
+        assert p["mean"] == pytest.approx(rows[a]["acc"]["mean"] - rows[b]["acc"]["mean"])
+    assert "lark-iterative: the pool re-scored" in (out / "results.md").read_text()
 
 
 def check_trajectories(out, cfg, results, pool):

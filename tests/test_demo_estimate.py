@@ -76,3 +76,17 @@ def test_the_never_run_full_preset_is_not_offered():
     with pytest.raises(LarkError, match="no larger demo preset"):
         demo_config(quick=False)
     assert demo_config().preset == "quick"
+
+
+def test_an_iterative_method_counts_its_rescorings():
+    """lark-iterative trains as long as LARK and scores the pool once more per seed and
+    round after the first: quick (4 epochs) at one round per epoch, 3 x 3 scorings."""
+    _, n, per_teacher = quick_sizes()
+    plain = demo_config(methods=("lark", "random"), utility=False)
+    it = demo_config(methods=("lark", "lark-iterative"), utility=False)
+    a, b = estimate(plain, n, per_teacher, True), estimate(it, n, per_teacher, True)
+    assert fine_tunes(plain, n, per_teacher) == fine_tunes(it, n, per_teacher)
+    assert b["fine-tunes"] - a["fine-tunes"] == pytest.approx(9 * a["score"])
+    two = estimate(demo_config(methods=("lark", "lark-iterative"), utility=False,
+                               iterative_epochs=2), n, per_teacher, True)
+    assert two["fine-tunes"] - a["fine-tunes"] == pytest.approx(3 * a["score"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from lark_jax.errors import LarkError
@@ -25,10 +26,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=None,
                    help="comma-separated methods to compare, from lark, lark-reference, "
                         "random, all, all-equal-steps, min-loss, max-loss, rsr, shortest, "
-                        "longest, random-matched, best-teacher, verified (default: all of "
-                        "them; --quick: lark, lark-reference, random, all, all-equal-steps, "
-                        "max-loss); random-matched, best-teacher and verified are the "
-                        "controls of docs/method.md; 'lark' is required")
+                        "longest, random-matched, best-teacher, verified, lark-iterative "
+                        "(default: all of them; --quick: lark, lark-reference, random, all, "
+                        "all-equal-steps, max-loss); random-matched, best-teacher and "
+                        "verified are the controls of docs/method.md, lark-iterative "
+                        "re-scores and re-selects as it trains; 'lark' is required")
+    p.add_argument("--iterative-epochs", type=int, default=None,
+                   help="lark-iterative: re-score the pool with the student in training and "
+                        "re-select every this many epochs (default: 1)")
+    p.add_argument("--student-seed", type=int, default=None,
+                   help="initialisation and pre-training seed of the demo student (default "
+                        "0); another seed is another student, built and cached once")
     p.add_argument("--no-utility", action="store_true",
                    help="skip the per-teacher fine-tunes of the utility diagnostic")
     length = p.add_mutually_exclusive_group()
@@ -68,7 +76,12 @@ def run(args, rep: Reporter) -> None:
         overrides["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.no_utility:
         overrides["utility"] = False
+    if args.iterative_epochs is not None:
+        overrides["iterative_epochs"] = args.iterative_epochs
     cfg = demo_config(True, tiny=tiny, seeds=_seeds(args.seeds), **overrides)
+    if args.student_seed is not None:
+        cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student,
+                                                                   seed=args.student_seed))
     res = run_demo(args.out, config=cfg, cache_dir=args.cache_dir,
                    rebuild_student=args.rebuild_student, reporter=rep)
     from lark_jax.demo.report import headline

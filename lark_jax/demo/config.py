@@ -19,6 +19,10 @@ class MethodSpec(NamedTuple):
     # length of a budget-B selection's run, whatever its own record count: 'all' at the
     # compute of the selections it is compared with.
     budget_steps: bool = False
+    # True: iterative selection. The pool is scored again with the student being trained
+    # every ``DemoConfig.iterative_epochs`` epochs and the policy re-selects; training goes
+    # on (same schedule and optimizer state) on the new selection.
+    iterative: bool = False
 
 
 # "lark" trains LARK's selection with the record objective (the χ² weights per record);
@@ -37,7 +41,8 @@ METHOD_SPECS = {"lark": MethodSpec("lark", "record"),
                 "longest": MethodSpec("longest", "record"),
                 "random-matched": MethodSpec("random-matched", "record"),
                 "best-teacher": MethodSpec("best-teacher", "record"),
-                "verified": MethodSpec("verified", "record")}
+                "verified": MethodSpec("verified", "record"),
+                "lark-iterative": MethodSpec("lark", "record", iterative=True)}
 METHODS = tuple(METHOD_SPECS)
 # The quick preset's comparison: LARK (both objectives) against random and all, at equal
 # epochs and at equal steps (the paired differences), and max-loss (does LARK do more than
@@ -88,6 +93,9 @@ class DemoConfig:
     first_order_steps: int = 16
     gradient_check: bool = True  # rescore with --estimator gradient: proxy ρ vs exact rate
     gradient_check_problems: int = 64  # ... on this many pool problems (x 8 trajectories)
+    # lark-iterative: re-score the pool with the student in training and re-select every
+    # this many epochs (of its selection's records)
+    iterative_epochs: int = 1
     max_length: int = 512
     row_length: int = 256
 
@@ -119,7 +127,7 @@ class DemoConfig:
         if self.epochs is not None and self.epochs < 1:
             raise LarkError(f"epochs must be >= 1, got {self.epochs}")
         for name in ("budget", "steps", "batch_size", "eval_samples", "max_new_tokens",
-                     "gradient_check_problems"):
+                     "gradient_check_problems", "iterative_epochs"):
             if getattr(self, name) < 1:
                 raise LarkError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("first_order_steps", "utility_eval_problems"):
@@ -169,7 +177,7 @@ def demo_config(quick: bool = True, *, tiny: bool = False, seeds=None, **overrid
             student=StudentRecipe(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                   intermediate_size=128, vocab_size=320, pretrain_steps=6,
                                   batch_size=8),
-            seeds=(0,), epochs=1, batch_size=8, eval_samples=2, max_new_tokens=24,
+            seeds=(0,), epochs=2, batch_size=8, eval_samples=2, max_new_tokens=24,
             first_order_steps=2)
     elif quick:
         cfg = DemoConfig(

@@ -14,7 +14,8 @@ student's parameter count:
 
 Measured since: the per-teacher runs' evaluations (``utility_eval_problems``, an eval's cost
 times the share of the benchmark) and the first-order fine-tune (its steps, plus one more
-scoring of the pool) are counted at the same unit costs.
+scoring of the pool) are counted at the same unit costs, as are an iterative method's
+re-scorings of the pool (one per seed and round after the first).
 
 An estimate, not a promise: another CPU differs by up to ~3x, an accelerator by far more,
 and attention's cost grows faster than linearly with length. The demo prints it at the
@@ -84,13 +85,19 @@ def estimate(cfg: DemoConfig, n_trajectories: int, per_teacher: dict[str, int],
                   min(n_util or cfg.task.n_bench, cfg.task.n_bench) / cfg.task.n_bench)
     first_order = (_S["train"] * cfg.first_order_steps * cfg.batch_size * p
                    + _S["score"] * n_trajectories * p) if cfg.first_order_steps else 0.0
+    # iterative methods: the pool scored again by each seed's student at every round
+    rescores = sum((-(-cfg.run_steps(cfg.task.n_pool * cfg.budget)
+                      // (cfg.steps_per_epoch(cfg.task.n_pool * cfg.budget)
+                          * cfg.iterative_epochs)) - 1) * len(cfg.seeds)
+                   for m in cfg.methods if METHOD_SPECS[m].iterative)
     return {
         "student": 0.0 if student_cached else _S["student"] * r.pretrain_steps * r.batch_size * p,
         "score": _S["score"] * n_trajectories * p,
         "base eval": one_eval,
         "fine-tunes": (_S["train"] * run_steps * cfg.batch_size * p + evals * one_eval
                        + _S["heldout"] * measured * p
-                       + util_share * len(per_teacher) * one_eval),
+                       + util_share * len(per_teacher) * one_eval
+                       + _S["score"] * n_trajectories * p * rescores),
         "diagnostics": _S["diagnostics"] * n_trajectories * p + first_order,
     }
 

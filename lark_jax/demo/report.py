@@ -241,11 +241,14 @@ def _mean_std(values) -> tuple[float, float]:
 # Paired differences reported (when both methods ran): LARK (either SFT objective) against
 # random and against every candidate at equal epochs and at equal steps, and the two
 # objectives against each other.
-# And LARK against its controls (docs/method.md, "Controls").
+# And LARK against its controls (docs/method.md, "Controls"), and iterative LARK against
+# LARK and the random baselines.
 PAIRS = (("lark", "random"), ("lark", "all"), ("lark", "all-equal-steps"),
          ("lark-reference", "random"), ("lark-reference", "all"),
          ("lark-reference", "all-equal-steps"), ("lark", "lark-reference"),
-         ("lark", "random-matched"), ("lark", "best-teacher"), ("lark", "verified"))
+         ("lark", "random-matched"), ("lark", "best-teacher"), ("lark", "verified"),
+         ("lark-iterative", "lark"), ("lark-iterative", "random"),
+         ("lark-iterative", "random-matched"))
 
 
 def _json_value(v):
@@ -284,6 +287,8 @@ def build_results(ctx, t_start: float) -> dict:
         row["acc"]["ci95"] = mean_ci(solved[m], counts)["ci95"]
         # Per seed, the run this one's training equals step for step (evaluation shared).
         row["same_training_as"] = [runs[m][s].get("same_training_as") for s in seeds]
+        if "rounds" in runs[m][seeds[0]]:  # iterative selection: each seed's rounds
+            row["rounds"] = _json_value({s: runs[m][s]["rounds"] for s in seeds})
         rows.append(row)
     paired = {f"{a} - {b}": paired_difference(solved[a], solved[b], counts)
               for a, b in PAIRS if a in solved and b in solved}
@@ -497,6 +502,19 @@ def render_markdown(results: dict) -> str:
     for r in results["methods"]:
         lines.append(f"| {r['method']} | " + " | ".join(
             f"{100 * r['teacher_mix'].get(t, 0):.0f}%" for t in TEACHERS) + " |")
+    for r in results["methods"]:
+        if "rounds" not in r:
+            continue
+        lines += ["", f"{r['method']}: the pool re-scored by each seed's student and "
+                  f"re-selected every {cfg.get('iterative_epochs')} epoch(s); per round "
+                  "(steps, share of problems whose chosen trajectories changed, teacher mix; "
+                  "first seed; the mix above is the run's, weighted by steps):", ""]
+        for k, rd in enumerate(next(iter(r["rounds"].values()))):
+            changed = "-" if rd["changed"] is None else f"{100 * rd['changed']:.0f}%"
+            mix = ", ".join(f"{t} {100 * v:.0f}%" for t, v in rd["teacher_mix"].items()
+                            if v >= 0.005)
+            lines.append(f"- round {k}: steps {rd['steps'][0]}-{rd['steps'][1]}, changed "
+                         f"{changed}; {mix}")
     d = results["diagnostics"]
     n_util = cfg.get("utility_eval_problems")
     lines += ["", "Diagnostics (plots/lark_vs_utility.png, plots/correlations.png):", "",

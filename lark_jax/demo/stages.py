@@ -318,6 +318,7 @@ class _Job:
     steps: int  # optimizer steps (``DemoConfig.run_steps`` of its, or a budget-B, record count)
     info: dict  # what the results table keeps of the selection
     utility: bool = False
+    iterative: bool = False  # re-scored and re-selected as it trains (train_iterative)
 
 
 def run_methods(ctx: DemoContext) -> None:
@@ -334,7 +335,7 @@ def run_methods(ctx: DemoContext) -> None:
     n_budget = int(select(ctx.table, "random", cfg.budget, seed=0).chosen.sum())
     for seed in cfg.seeds:
         for method in cfg.methods:
-            policy, objective, budget_steps = METHOD_SPECS[method]
+            policy, objective, budget_steps, _ = METHOD_SPECS[method]
             sel = select(ctx.table, policy, cfg.budget, seed=seed)
             recs, mix = selection_records(ctx.table, sel, ctx.found)
             data = ctx.out / "selections" / f"{method}-s{seed}.jsonl"
@@ -344,7 +345,8 @@ def run_methods(ctx: DemoContext) -> None:
             steps = cfg.run_steps(n_budget if budget_steps else len(recs))
             jobs.append(_Job(method, seed, objective, data, steps,
                              {"n_records": len(recs), "teacher_mix": mix,
-                              "objective": objective}))
+                              "objective": objective},
+                             iterative=METHOD_SPECS[method].iterative))
     if cfg.utility:
         for t in TEACHERS:
             data, n = _utility_file(ctx, t)
@@ -354,11 +356,12 @@ def run_methods(ctx: DemoContext) -> None:
     # 'all' and the per-teacher runs are longer than the budget-B selections.
     trained: dict[int, tuple[Any, int, list[float]]] = {}  # job -> (result, its row, lrs)
     same_as: dict[int, int] = {}  # job -> the first job that computes the same steps
-    lengths = sorted({j.steps for j in jobs})
-    with ctx.stage("train"), ctx.rep.bar(sum(j.steps for j in jobs), f"train {len(jobs)} runs",
-                                         unit="run-step") as advance:
+    plain = [r for r, j in enumerate(jobs) if not j.iterative]
+    lengths = sorted({jobs[r].steps for r in plain})
+    with ctx.stage("train"), ctx.rep.bar(sum(jobs[r].steps for r in plain),
+                                         f"train {len(plain)} runs", unit="run-step") as advance:
         for steps in lengths:
-            group = [r for r, j in enumerate(jobs) if j.steps == steps]
+            group = [r for r in plain if jobs[r].steps == steps]
             cfgs = [_train_config(cfg, jobs[r].seed, jobs[r].objective, steps) for r in group]
             n = len(group)
             together = train_together(ctx.base, [jobs[r].data for r in group], cfgs,
@@ -367,6 +370,12 @@ def run_methods(ctx: DemoContext) -> None:
             for i, r in enumerate(group):
                 trained[r] = (together, i, lrs)
                 same_as[r] = group[together.same_as[i]]
+    for method in {j.key for j in jobs if j.iterative}:
+        group = [r for r, j in enumerate(jobs) if j.iterative and j.key == method]
+        together, lrs = train_iterative(ctx, [jobs[r] for r in group])
+        for i, r in enumerate(group):
+            trained[r] = (together, i, lrs)
+            same_as[r] = r
     ctx.runs = {m: {} for m in cfg.methods}
     ctx.solved = {m: {} for m in cfg.methods}
     n_util = cfg.utility_eval_problems
@@ -411,6 +420,81 @@ def run_methods(ctx: DemoContext) -> None:
                      f"step_acc {final['step_acc']:.3f}{shared}")
         if j.key == "all" and j.seed == cfg.seeds[0]:
             ctx.tuned["all"] = tuned
+
+
+def train_iterative(ctx: DemoContext, jobs: list[_Job]) -> tuple[Any, list[float]]:
+    """Iterative selection (one method, every seed together): train on the job's selection
+    (made from the untouched student's scores) for ``iterative_epochs`` epochs, score the
+    whole pool again with each seed's student as it is then, select again with the same
+    policy and budget, and go on training on the new selection from where the run stands
+    (weights, Adam state, schedule: ``train_together(resume=...)``), until the run's steps
+    are done. The run is as long as the plain method's; only its data changes between
+    rounds. Each round's selection is written (``selections/<method>-s<seed>-r<k>.jsonl``)
+    and ``info["rounds"]`` records its steps, teacher mix and the share of problems whose
+    chosen trajectories changed. Returns the whole run (the pieces' losses concatenated,
+    the last piece's weights) and its learning rates."""
+    from lark_jax.selection import select
+    from lark_jax.selection.io import write_selection
+    from lark_jax.training.together import learning_rates, train_together
+
+    cfg = ctx.cfg
+    total = jobs[0].steps
+    every = cfg.steps_per_epoch(jobs[0].info["n_records"]) * cfg.iterative_epochs
+    stops = [*range(every, total, every), total]
+    cfgs = [_train_config(cfg, j.seed, j.objective, total) for j in jobs]
+    policy = METHOD_SPECS[jobs[0].key].policy
+    files = [j.data for j in jobs]
+    chosen = [_chosen_keys(ctx.table, select(ctx.table, policy, cfg.budget, seed=j.seed))
+              for j in jobs]
+    for j in jobs:
+        j.info["rounds"] = [{"steps": [0, stops[0]], "teacher_mix": j.info["teacher_mix"],
+                             "changed": None}]
+    pieces: list = []
+    for k, stop in enumerate(stops):
+        if k:
+            for i, j in enumerate(jobs):
+                table, _ = score_with(
+                    ctx, pieces[-1].student(i), ctx.out / "diagnostics" /
+                    f"scores_{j.key}-s{j.seed}-r{k}.json", f"{j.key}-s{j.seed}-round{k}",
+                    f"rescore pool ({j.key} s{j.seed}, round {k})", need=("g_hat", "L"))
+                sel = select(table, policy, cfg.budget, seed=j.seed)
+                recs, mix = selection_records(table, sel, ctx.found)
+                files[i] = ctx.out / "selections" / f"{j.key}-s{j.seed}-r{k}.jsonl"
+                write_selection(files[i], recs, {"policy": policy, "objective": j.objective,
+                                                 "budget": cfg.budget, "seed": j.seed,
+                                                 "round": k, "from_step": stops[k - 1],
+                                                 "n_records": len(recs), "teacher_mix": mix})
+                now = _chosen_keys(table, sel)
+                changed = np.mean([now[p] != chosen[i].get(p) for p in now]) if now else 0.0
+                chosen[i] = now
+                j.info["rounds"].append({"steps": [stops[k - 1], stop], "teacher_mix": mix,
+                                         "changed": float(changed)})
+        start = stops[k - 1] if k else 0
+        with ctx.stage("train"), ctx.rep.bar(len(jobs) * (stop - start),
+                                             f"train {jobs[0].key} round {k}",
+                                             unit="run-step") as advance:
+            pieces.append(train_together(ctx.base, files, cfgs, stop=stop,
+                                         resume=pieces[-1] if pieces else None,
+                                         progress=lambda s, t: advance(len(jobs))))
+    last = pieces[-1]
+    whole = dataclasses.replace(
+        last, losses=np.concatenate([p.losses for p in pieces], 1),
+        grad_norms=np.concatenate([p.grad_norms for p in pieces], 1),
+        tokens=np.concatenate([p.tokens for p in pieces], 1), steps=(0, total))
+    for j in jobs:  # the run's train weight per teacher, over every round
+        w = np.array([r["steps"][1] - r["steps"][0] for r in j.info["rounds"]], float)
+        j.info["teacher_mix"] = {t: float(sum(wk * r["teacher_mix"].get(t, 0.0) for wk, r in
+                                              zip(w, j.info["rounds"], strict=True)) / w.sum())
+                                 for t in TEACHERS}
+    return whole, learning_rates(cfgs[0])
+
+
+def _chosen_keys(table, sel) -> dict[int, frozenset]:
+    """Per problem id, the candidate ids a selection keeps."""
+    out: dict[int, set] = {}
+    for r, c in zip(*np.nonzero(sel.chosen), strict=True):
+        out.setdefault(int(table.problem_ids[r]), set()).add(int(table.candidate_ids[r, c]))
+    return {p: frozenset(v) for p, v in out.items()}
 
 
 # -- 6. diagnostics --------------------------------------------------------------------------
