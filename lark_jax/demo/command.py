@@ -51,6 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "~/.cache/lark-jax)")
     p.add_argument("--rebuild-student", action="store_true",
                    help="build the student again even if a cached one exists")
+    p.add_argument("--compare", nargs="+", metavar="[LABEL=]DIR", default=None,
+                   help="run nothing: compare finished demo runs (two or more output "
+                        "directories, e.g. two students), every statistic they share side "
+                        "by side with its spread; writes comparison.md and comparison.json "
+                        "into --out")
 
 
 def _seeds(text: str | None) -> tuple[int, ...] | None:
@@ -65,9 +70,54 @@ def _seeds(text: str | None) -> tuple[int, ...] | None:
     return seeds
 
 
+def _compare(args, rep: Reporter) -> None:
+    import json
+    from pathlib import Path
+
+    from lark_jax import fsio
+    from lark_jax.demo.compare import compare_runs, render_comparison
+
+    if len(args.compare) < 2:
+        raise LarkError("--compare needs at least two demo output directories")
+    runs: dict[str, dict] = {}
+    for item in args.compare:
+        label, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        path = Path(path)
+        label = label or path.name
+        if label in runs:
+            raise LarkError(f"--compare: the label {label!r} is given twice (name them "
+                            "LABEL=DIR)")
+        f = path / "results.json"
+        if not f.is_file():
+            raise LarkError("no results.json: not a finished demo run", where=str(path))
+        try:
+            runs[label] = json.loads(f.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise LarkError(f"invalid JSON: {e.msg}", where=f"{f}:{e.lineno}") from None
+        except UnicodeDecodeError:
+            raise LarkError("not UTF-8 text", where=str(f)) from None
+    table = compare_runs(runs)
+    if not table:
+        raise LarkError("the runs share no statistic to compare")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = render_comparison(runs, table)
+    fsio.atomic_write(out / "comparison.json", json.dumps(
+        {"runs": {k: str(v.get("student", {}).get("path")) for k, v in runs.items()},
+         "statistics": table}, indent=1) + "\n")
+    fsio.atomic_write(out / "comparison.md", md)
+    rep.info(md)
+    wider = sum(bool(r["disjoint"]) for r in table.values())
+    rep.summary(f"compared {len(runs)} runs on {len(table)} shared statistics; {wider} with "
+                f"disjoint intervals -> {out / 'comparison.md'}")
+
+
 def run(args, rep: Reporter) -> None:
     from lark_jax.demo.pipeline import demo_config, run_demo
 
+    if args.compare is not None:
+        _compare(args, rep)
+        return
     tiny = args.tiny or os.environ.get("LARK_JAX_DEMO_TINY") == "1"
     overrides = {} if args.steps is None else {"steps": args.steps}
     if args.epochs is not None:
