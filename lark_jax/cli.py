@@ -295,6 +295,14 @@ def _add_train(p):
                    "(default alpha = 2R)")
     _add_attention(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="train only up to global step STEP of the run's schedule: the "
+                        "checkpoint and final/ hold that step's state (iterative selection: "
+                        "score with final/, select, then --resume --switch-data)")
+    p.add_argument("--switch-data", action="store_true",
+                   help="with --resume: go on from the checkpoint on --data, a new selection "
+                        "(same schedule: give --max-steps); run_config.json's data_history "
+                        "lists each file and the step it took over from")
     distributed.add_arguments(p)
 
 
@@ -310,7 +318,8 @@ def _run_train(args, rep: Reporter) -> None:
                       keep=args.keep, seed=args.seed, dtype=args.dtype, remat=args.remat,
                       fsdp=args.fsdp, export_dtype=args.export_dtype,
                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                      attention=args.attention, prefetch=args.prefetch)
+                      attention=args.attention, prefetch=args.prefetch,
+                      stop_after=args.stop_after)
     cfg.validate()
     _check_attention(cfg.attention)
     if distributed.join(args):  # one mesh over every process's devices (train's default)
@@ -323,7 +332,8 @@ def _run_train(args, rep: Reporter) -> None:
         def progress(step, total, loss, tok_s):
             advance(1, loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", total=total)
 
-        s = train(args.student, args.data, args.out, cfg, resume=args.resume, progress=progress)
+        s = train(args.student, args.data, args.out, cfg, resume=args.resume,
+                  switch_data=args.switch_data, progress=progress)
     resumed = f" (resumed from step {s.resumed_from})" if s.resumed_from else ""
     rep.summary(f"trained {s.steps} step{'s' if s.steps != 1 else ''}{resumed}; final loss "
                 f"{s.final_loss:.4f}; {s.tokens} tokens in {s.seconds:.1f}s -> {s.final_dir}")

@@ -609,3 +609,70 @@ def test_training_in_pieces_continues_one_run_and_switches_data(hf_students, tmp
     assert switched.same_as == [0, 1]  # resumed runs are never merged
     with pytest.raises(LarkError, match="stop must be"):
         train_together(student, data, cfgs, mode="loop", stop=2, resume=first)
+
+
+@pytest.mark.slow  # a long oracle or end-to-end run: the slow tier
+def test_train_in_pieces_then_reselect_from_the_command_line(hf_students, tmp_path, capsys):
+    """Iterative selection from the CLI: ``train --stop-after`` trains a piece of the run and
+    exports that state; ``score`` it, ``select`` again, ``train --resume --switch-data``
+    goes on from the checkpoint on the new selection. Pieces on the same file equal the
+    uninterrupted run (losses and final weights); after a switch, the steps train the new
+    file's records (its own step plan) from the first piece's weights."""
+    from lark_jax.cli import main
+
+    d, _ = hf_students["llama_tied_gqa"]
+    pool = write_pool(tmp_path / "pool.jsonl", n_problems=4)
+    a = write_selection(tmp_path / "a.jsonl", pool, weights=[0.2, 1.0, 2.5])
+    cfg = TrainConfig(lr=2e-3, batch_size=4, max_steps=5, epochs=1, seed=1)
+    mesh = one_device()
+    lines = lambda run: [json.loads(x) for x in  # noqa: E731
+                         (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    whole = train(d, a, tmp_path / "whole", cfg, mesh=mesh)
+    first = train(d, a, tmp_path / "p", dataclasses.replace(cfg, stop_after=2), mesh=mesh)
+    assert first.steps == 2 and len(lines("p")) == 2
+    assert (tmp_path / "p" / "final" / "model.safetensors").is_file()  # the step-2 weights
+    rest = train(d, a, tmp_path / "p", cfg, mesh=mesh, resume=True)
+    assert rest.resumed_from == 2 and rest.steps == 5
+    np.testing.assert_allclose([r["loss"] for r in lines("p")],
+                               [r["loss"] for r in lines("whole")], rtol=1e-5)
+    w = lark_jax.load_student(whole.final_dir, mesh=mesh).model
+    p = lark_jax.load_student(rest.final_dir, mesh=mesh).model
+    np.testing.assert_allclose(np.asarray(p.layers.q_proj[...]), np.asarray(w.layers.q_proj[...]),
+                               atol=1e-6)
+
+    # The command-line chain: piece, score with it, select, switch.
+    run = tmp_path / "it"
+    common = ["--student", str(d), "--out", str(run), "--lr", "2e-3", "--batch-size", "4",
+              "--max-steps", "5", "--seed", "1", "-q"]
+    assert main(["train", "--data", str(a), "--stop-after", "2", *common]) == 0
+    assert main(["score", "--pool", str(pool), "--student", str(run / "final"), "--out",
+                 str(tmp_path / "s1.json"), "-q"]) == 0
+    b = tmp_path / "b.jsonl"
+    assert main(["select", "--scores", str(tmp_path / "s1.json"), "--pool", str(pool), "--out",
+                 str(b), "--policy", "lark", "--budget", "1", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--data", str(b), "--resume", *common]) == 2  # not without the flag
+    assert "--switch-data" in capsys.readouterr().err
+    assert main(["train", "--data", str(b), "--resume", "--switch-data", *common]) == 0
+    cfg_json = json.loads((run / "run_config.json").read_text())
+    assert cfg_json["data_history"] == [{"from_step": 0, "data": str(a)},
+                                        {"from_step": 2, "data": str(b)}]
+    got = lines("it")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([r["loss"] for r in got[:2]],
+                               [r["loss"] for r in lines("whole")[:2]], rtol=1e-5)
+    on_b = train(d, b, tmp_path / "on_b", cfg, mesh=mesh)  # b from the start
+    assert [r["tokens"] for r in got[2:]] == [r["tokens"] for r in lines("on_b")[2:]]
+    assert not np.allclose([r["loss"] for r in got[2:]], [r["loss"] for r in lines("on_b")[2:]])
+    assert on_b.steps == 5
+    # A schedule whose length follows the data (epochs) cannot take other data.
+    by_epochs = TrainConfig(lr=2e-3, batch_size=4, epochs=1, seed=1, stop_after=1)
+    train(d, a, tmp_path / "e", by_epochs, mesh=mesh)
+    big = write_selection(tmp_path / "big.jsonl", write_pool(tmp_path / "pool8.jsonl", 8))
+    with pytest.raises(LarkError, match="--max-steps"):
+        train(d, big, tmp_path / "e", by_epochs, mesh=mesh, resume=True, switch_data=True)
+    with pytest.raises(LarkError, match="needs --resume"):
+        train(d, big, tmp_path / "e2", by_epochs, mesh=mesh, switch_data=True)
+    with pytest.raises(LarkError, match="past --stop-after"):
+        train(d, a, tmp_path / "p", dataclasses.replace(cfg, stop_after=3), mesh=mesh,
+              resume=True)

@@ -87,6 +87,10 @@ class TrainConfig:
     lora_alpha: float | None = None  # scale = alpha / rank (default alpha = 2 * rank)
     attention: str = "auto"  # "auto" | "dense" | "blockwise" | "flash" (models.attention)
     prefetch: int = 2  # steps a host thread packs ahead (0: inline)
+    # Train only up to this global step of the run's schedule (a piece of the run): the
+    # checkpoint and final/ hold that step's state; --resume goes on from it, on new data
+    # with switch_data (iterative selection from the command line).
+    stop_after: int | None = None
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "max_length", "keep", "micro_batch_tokens"):
@@ -109,6 +113,8 @@ class TrainConfig:
             raise LarkError("--lora-rank must be >= 0")
         if self.save_every is not None and self.save_every < 1:
             raise LarkError("--save-every must be >= 1")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise LarkError("--stop-after must be >= 1")
         if self.attention not in ATTN_IMPLS:
             raise LarkError(f"--attention must be one of {', '.join(ATTN_IMPLS)}")
         resolve_dtype(self.dtype)
@@ -296,31 +302,42 @@ class Trainer:
 
 # Settings a resumed run may change: they do not alter what is computed (remat and the
 # cross-entropy chunk change how, not what).
-RESUME_MAY_CHANGE = {"save_every", "keep", "remat", "chunk_tokens", "prefetch"}
+RESUME_MAY_CHANGE = {"save_every", "keep", "remat", "chunk_tokens", "prefetch", "stop_after"}
 RESUME_RUN_KEYS = ("student", "data", "n_examples", "total_steps")
+# ... and those a resume with switch_data (new records from the resumed step on) may change.
+SWITCH_MAY_CHANGE = ("data", "n_examples")
 # What a run_config.json written before a setting existed means by its absence.
 RESUME_OLD_DEFAULTS = {"objective": "token", "system_turn": "keep"}
 
 
-def _check_resume_settings(path: Path, new: dict) -> None:
-    """Refuse ``--resume`` with other data, student or training settings than the run had."""
+def _check_resume_settings(path: Path, new: dict, switch_data: bool = False) -> dict:
+    """Refuse ``--resume`` with other data, student or training settings than the run had
+    (other data is allowed with ``switch_data``, the schedule's length is not). Returns the
+    run's earlier run_config.json."""
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         raise LarkError("cannot read run_config.json to check --resume settings",
                         where=str(path)) from None
+    keys = [k for k in RESUME_RUN_KEYS if not (switch_data and k in SWITCH_MAY_CHANGE)]
+    if switch_data and old.get("total_steps") != new["total_steps"]:
+        raise LarkError(f"--switch-data: the new data gives {new['total_steps']} steps, the run "
+                        f"has {old.get('total_steps')}; fix the run's length with --max-steps "
+                        "so that every piece shares one schedule", where=str(path))
 
     def same_path(a, b) -> bool:
         return Path(str(a)).resolve() == Path(str(b)).resolve()
 
     message = "--resume with settings that differ from the run's: {diffs}"
     # What was run and on what (informational fields such as row_length are derived).
-    check_resume({k: old.get(k) for k in RESUME_RUN_KEYS}, {k: new[k] for k in RESUME_RUN_KEYS},
-                 same={"student": same_path, "data": same_path}, message=message,
-                 where=str(path))
+    check_resume({k: old.get(k) for k in keys}, {k: new[k] for k in keys},
+                 same={"student": same_path, "data": same_path},
+                 message=message + ("" if switch_data else " (new records for the rest of the "
+                                    "run: add --switch-data)"), where=str(path))
     check_resume(old.get("config", {}), new["config"], may_change=RESUME_MAY_CHANGE,
                  old_defaults=RESUME_OLD_DEFAULTS, name=lambda k: "--" + k.replace("_", "-"),
                  message=message, where=str(path))
+    return old
 
 
 @dataclasses.dataclass
@@ -336,11 +353,12 @@ class _Run:
     trainer: Trainer
     config: dict
 
-    def packed(self, start: int, tokens: dict[int, int]):
-        """Each step's (step, micro-batches, D) from ``start`` on (run by a host thread,
-        cfg.prefetch ahead); records the step's tokens over every process in ``tokens``."""
+    def packed(self, start: int, stop: int, tokens: dict[int, int]):
+        """Each step's (step, micro-batches, D) from ``start`` to ``stop`` (run by a host
+        thread, cfg.prefetch ahead); records the step's tokens over every process in
+        ``tokens``."""
         cfg, n_proc = self.trainer.cfg, jax.process_count()
-        for s in range(start, self.plan.total_steps):
+        for s in range(start, stop):
             idx = self.plan.step_indices(s)
             tokens[s] = step_tokens(self.examples, idx)
             yield s, list(step_microbatches(
@@ -412,11 +430,20 @@ def _export(run: _Run, out_dir: Path, cfg: TrainConfig) -> Path:
 
 
 def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
-          cfg: TrainConfig = TrainConfig(), *, resume: bool = False, mesh=None,
-          progress: Callable[..., None] | None = None) -> TrainSummary:
+          cfg: TrainConfig = TrainConfig(), *, resume: bool = False, switch_data: bool = False,
+          mesh=None, progress: Callable[..., None] | None = None) -> TrainSummary:
     """Fine-tune the student on a selection file; writes checkpoints, metrics, plot, final/.
 
     ``progress(step, total, loss=..., tok_s=...)`` is called after every step.
+
+    In pieces (iterative selection): ``cfg.stop_after = s`` trains up to global step s of
+    the run's schedule and exports that state to final/ (score the pool with it, select
+    again); ``resume=True, switch_data=True`` then goes on from the checkpoint on ``data``,
+    a new selection: step t >= s trains the records ``StepPlan.step_indices(t)`` of the new
+    file, the weights, Adam moments and schedule go on as in one run (which needs the same
+    total steps: fix it with ``max_steps``). run_config.json's ``data_history`` lists each
+    file and the step it took over from. Pieces on the same file compute exactly the
+    uninterrupted run.
 
     Multi-process (after ``lark_jax.distributed.initialize``): every process runs
     this with the same arguments on a mesh over all processes' devices (the
@@ -432,30 +459,47 @@ def train(student_dir: str | Path, data: str | Path, out_dir: str | Path,
     t0 = time.perf_counter()
     out_dir, ckpt_dir = _run_dir(out_dir, resume)
     check_same_settings({"student": str(student_dir), "data": str(data),
-                         "out": str(out_dir), "resume": resume,
+                         "out": str(out_dir), "resume": resume, "switch_data": switch_data,
                          **{"--" + k.replace("_", "-"): v
                             for k, v in dataclasses.asdict(cfg).items()}}, "train")
+    if switch_data and not resume:
+        raise LarkError("--switch-data continues a run: it needs --resume")
     run = _set_up(student_dir, data, cfg, mesh if mesh is not None else make_mesh())
+    history = [{"from_step": 0, "data": str(data)}]
     if resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        _check_resume_settings(out_dir / "run_config.json", run.config)
+        old = _check_resume_settings(out_dir / "run_config.json", run.config, switch_data)
+        history = old.get("data_history", [{"from_step": 0, "data": old.get("data")}])
+    elif switch_data:
+        raise LarkError("--switch-data: the run has no checkpoint to continue from",
+                        where=str(out_dir))
     barrier("lark_jax_train_checked")  # every process has read run_config.json
     lead = jax.process_index() == 0
-    if lead:
-        fsio.make_dir(out_dir)
-        fsio.atomic_write(out_dir / "run_config.json", json.dumps(run.config, indent=2) + "\n")
     total, tokens = run.plan.total_steps, {}
+    stop = min(cfg.stop_after or total, total)
     ckpt = Checkpointer(ckpt_dir, run.trainer, save_every=cfg.save_every, keep=cfg.keep)
     with contextlib.closing(ckpt):
         start = ckpt.restore() if resume else None
+        if (start or 0) > stop:
+            raise LarkError(f"the run is already at step {start}, past --stop-after {stop}",
+                            where=str(out_dir))
+        if switch_data:  # this file trains from the checkpoint's step on
+            history = [h for h in history if h["from_step"] < start]
+            history.append({"from_step": start, "data": str(data)})
+        run.config["data_history"] = history
+        if lead:
+            fsio.make_dir(out_dir)
+            fsio.atomic_write(out_dir / "run_config.json",
+                              json.dumps(run.config, indent=2) + "\n")
         metrics = MetricsWriter(out_dir / "metrics.jsonl", enabled=lead, resumed_from=start)
         hooks = [metrics, LossGuard(), ckpt, Progress(progress, total)]
         with contextlib.closing(metrics), \
-                contextlib.closing(prefetch(run.packed(start or 0, tokens), cfg.prefetch)) as items:
+                contextlib.closing(prefetch(run.packed(start or 0, stop, tokens),
+                                            cfg.prefetch)) as items:
             ran = train_loop(run.trainer, items, hooks, step_tokens=tokens.pop,
                              steps_per_epoch=run.plan.steps_per_epoch)
-        ckpt.finish(total)
+        ckpt.finish(stop)
     final = _export(run, out_dir, cfg)
-    return TrainSummary(total, start or 0, ran.loss, ran.tokens, time.perf_counter() - t0,
+    return TrainSummary(stop, start or 0, ran.loss, ran.tokens, time.perf_counter() - t0,
                         str(final))
 
 
