@@ -449,12 +449,13 @@ def train_iterative(ctx: DemoContext, jobs: list[_Job]) -> tuple[Any, list[float
     for j in jobs:
         j.info["rounds"] = [{"steps": [0, stops[0]], "teacher_mix": j.info["teacher_mix"],
                              "changed": None}]
-    pieces: list = []
+    last = None  # the latest piece (its weights and optimizer states)
+    losses, gnorms, tokens = [], [], []
     for k, stop in enumerate(stops):
         if k:
             for i, j in enumerate(jobs):
                 table, _ = score_with(
-                    ctx, pieces[-1].student(i), ctx.out / "diagnostics" /
+                    ctx, last.student(i), ctx.out / "diagnostics" /
                     f"scores_{j.key}-s{j.seed}-r{k}.json", f"{j.key}-s{j.seed}-round{k}",
                     f"rescore pool ({j.key} s{j.seed}, round {k})", need=("g_hat", "L"))
                 sel = select(table, policy, cfg.budget, seed=j.seed)
@@ -473,14 +474,14 @@ def train_iterative(ctx: DemoContext, jobs: list[_Job]) -> tuple[Any, list[float
         with ctx.stage("train"), ctx.rep.bar(len(jobs) * (stop - start),
                                              f"train {jobs[0].key} round {k}",
                                              unit="run-step") as advance:
-            pieces.append(train_together(ctx.base, files, cfgs, stop=stop,
-                                         resume=pieces[-1] if pieces else None,
-                                         progress=lambda s, t: advance(len(jobs))))
-    last = pieces[-1]
-    whole = dataclasses.replace(
-        last, losses=np.concatenate([p.losses for p in pieces], 1),
-        grad_norms=np.concatenate([p.grad_norms for p in pieces], 1),
-        tokens=np.concatenate([p.tokens for p in pieces], 1), steps=(0, total))
+            last = train_together(ctx.base, files, cfgs, stop=stop, resume=last,
+                                  progress=lambda s, t: advance(len(jobs)))
+        losses.append(last.losses)
+        gnorms.append(last.grad_norms)
+        tokens.append(last.tokens)
+    whole = dataclasses.replace(last, losses=np.concatenate(losses, 1),
+                                grad_norms=np.concatenate(gnorms, 1),
+                                tokens=np.concatenate(tokens, 1), steps=(0, total))
     for j in jobs:  # the run's train weight per teacher, over every round
         w = np.array([r["steps"][1] - r["steps"][0] for r in j.info["rounds"]], float)
         j.info["teacher_mix"] = {t: float(sum(wk * r["teacher_mix"].get(t, 0.0) for wk, r in
