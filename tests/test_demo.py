@@ -379,7 +379,10 @@ def check_iterative(out, cfg, rows, results):
         p = results["paired"][key]
         a, b = key.split(" - ")
         assert p["mean"] == pytest.approx(rows[a]["acc"]["mean"] - rows[b]["acc"]["mean"])
-    assert "lark-iterative: the pool re-scored" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "lark-iterative: the pool re-scored" in md
+    assert f"utility: ACC@{cfg.eval_samples} (%)" in md  # the rounds' lines reuse no name
+    assert results["timings_s"]["rescore"] > 0  # the re-scorings are timed
 
 
 def check_trajectories(out, cfg, results, pool):

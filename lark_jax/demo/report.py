@@ -509,11 +509,11 @@ def render_markdown(results: dict) -> str:
                   f"re-selected every {cfg.get('iterative_epochs')} epoch(s); per round "
                   "(steps, share of problems whose chosen trajectories changed, teacher mix; "
                   "first seed; the mix above is the run's, weighted by steps):", ""]
-        for k, rd in enumerate(next(iter(r["rounds"].values()))):
+        for i, rd in enumerate(next(iter(r["rounds"].values()))):
             changed = "-" if rd["changed"] is None else f"{100 * rd['changed']:.0f}%"
             mix = ", ".join(f"{t} {100 * v:.0f}%" for t, v in rd["teacher_mix"].items()
                             if v >= 0.005)
-            lines.append(f"- round {k}: steps {rd['steps'][0]}-{rd['steps'][1]}, changed "
+            lines.append(f"- round {i}: steps {rd['steps'][0]}-{rd['steps'][1]}, changed "
                          f"{changed}; {mix}")
     d = results["diagnostics"]
     n_util = cfg.get("utility_eval_problems")

@@ -454,10 +454,11 @@ def train_iterative(ctx: DemoContext, jobs: list[_Job]) -> tuple[Any, list[float
     for k, stop in enumerate(stops):
         if k:
             for i, j in enumerate(jobs):
-                table, _ = score_with(
-                    ctx, last.student(i), ctx.out / "diagnostics" /
-                    f"scores_{j.key}-s{j.seed}-r{k}.json", f"{j.key}-s{j.seed}-round{k}",
-                    f"rescore pool ({j.key} s{j.seed}, round {k})", need=("g_hat", "L"))
+                with ctx.stage("rescore"):
+                    table, _ = score_with(
+                        ctx, last.student(i), ctx.out / "diagnostics" /
+                        f"scores_{j.key}-s{j.seed}-r{k}.json", f"{j.key}-s{j.seed}-round{k}",
+                        f"rescore pool ({j.key} s{j.seed}, round {k})", need=("g_hat", "L"))
                 sel = select(table, policy, cfg.budget, seed=j.seed)
                 recs, mix = selection_records(table, sel, ctx.found)
                 files[i] = ctx.out / "selections" / f"{j.key}-s{j.seed}-r{k}.jsonl"
