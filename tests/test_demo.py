@@ -352,6 +352,10 @@ def check_iterative(out, cfg, rows, results):
     per_epoch = math.ceil(cfg.task.n_pool / 8)
     assert [r["steps"] for r in rounds] == [[0, per_epoch], [per_epoch, 2 * per_epoch]]
     assert rounds[0]["changed"] is None and 0 <= rounds[1]["changed"] <= 1
+    base_scores = json.loads((out / "scores.json").read_text())["scores"]
+    stack = [r["g_hat"] for rows_ in base_scores.values() for r in rows_
+             if r["teacher"] == "stack"]
+    assert rounds[0]["per_teacher"]["stack"]["g_hat"] == pytest.approx(np.mean(stack))
     loss = lambda name: [json.loads(x)["loss"] for x in  # noqa: E731
                          (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(loss("lark-iterative-s0")[:per_epoch],

@@ -513,8 +513,11 @@ def render_markdown(results: dict) -> str:
             changed = "-" if rd["changed"] is None else f"{100 * rd['changed']:.0f}%"
             mix = ", ".join(f"{t} {100 * v:.0f}%" for t, v in rd["teacher_mix"].items()
                             if v >= 0.005)
+            seen = rd.get("per_teacher") or {}
+            means = ("; mean L / ĝ seen by its selection: " + ", ".join(
+                f"{t} {v['L']:.2f} / {v['g_hat']:.3f}" for t, v in seen.items())) if seen else ""
             lines.append(f"- round {i}: steps {rd['steps'][0]}-{rd['steps'][1]}, changed "
-                         f"{changed}; {mix}")
+                         f"{changed}; {mix}{means}")
     d = results["diagnostics"]
     n_util = cfg.get("utility_eval_problems")
     lines += ["", "Diagnostics (plots/lark_vs_utility.png, plots/correlations.png):", "",

@@ -448,7 +448,7 @@ def train_iterative(ctx: DemoContext, jobs: list[_Job]) -> tuple[Any, list[float
               for j in jobs]
     for j in jobs:
         j.info["rounds"] = [{"steps": [0, stops[0]], "teacher_mix": j.info["teacher_mix"],
-                             "changed": None}]
+                             "changed": None, "per_teacher": _teacher_means(ctx.table)}]
     last = None  # the latest piece (its weights and optimizer states)
     losses, gnorms, tokens = [], [], []
     for k, stop in enumerate(stops):
@@ -470,7 +470,8 @@ def train_iterative(ctx: DemoContext, jobs: list[_Job]) -> tuple[Any, list[float
                 changed = np.mean([now[p] != chosen[i].get(p) for p in now]) if now else 0.0
                 chosen[i] = now
                 j.info["rounds"].append({"steps": [stops[k - 1], stop], "teacher_mix": mix,
-                                         "changed": float(changed)})
+                                         "changed": float(changed),
+                                         "per_teacher": _teacher_means(table)})
         start = stops[k - 1] if k else 0
         with ctx.stage("train"), ctx.rep.bar(len(jobs) * (stop - start),
                                              f"train {jobs[0].key} round {k}",
@@ -489,6 +490,15 @@ def train_iterative(ctx: DemoContext, jobs: list[_Job]) -> tuple[Any, list[float
                                               zip(w, j.info["rounds"], strict=True)) / w.sum())
                                  for t in TEACHERS}
     return whole, learning_rates(cfgs[0])
+
+
+def _teacher_means(table) -> dict[str, dict[str, float]]:
+    """Per teacher, the mean ĝ and L of its trajectories in ``table`` (what a round's
+    selection saw)."""
+    teacher_of = _teacher_grid(table)
+    return {t: {f: float(np.mean(table.fields[f][table.mask & (teacher_of == t)]))
+                for f in ("g_hat", "L")}
+            for t in TEACHERS if (table.mask & (teacher_of == t)).any()}
 
 
 def _chosen_keys(table, sel) -> dict[int, frozenset]:
