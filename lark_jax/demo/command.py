@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import os
 
-from lark_jax.errors import LarkError
+from lark_jax.errors import LarkError, json_msg
 from lark_jax.progress import Reporter
 
 
@@ -93,7 +93,7 @@ def _compare(args, rep: Reporter) -> None:
         try:
             runs[label] = json.loads(f.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise LarkError(f"invalid JSON: {e.msg}", where=f"{f}:{e.lineno}") from None
+            raise LarkError(f"invalid JSON: {json_msg(e)}", where=f"{f}:{e.lineno}") from None
         except UnicodeDecodeError:
             raise LarkError("not UTF-8 text", where=str(f)) from None
     table = compare_runs(runs)

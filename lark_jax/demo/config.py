@@ -112,6 +112,13 @@ class DemoConfig:
             return self.steps
         return self.steps_per_epoch(n_records) * self.epochs
 
+    def iterative_stops(self, n_records: int) -> list[int]:
+        """The steps at which an iterative method's rounds end, for a first selection of
+        ``n_records`` records: every ``iterative_epochs`` epochs, and the run's last step."""
+        total = self.run_steps(n_records)
+        every = self.steps_per_epoch(n_records) * self.iterative_epochs
+        return [*range(every, total, every), total]
+
     def validate(self) -> None:
         self.task.validate()
         self.student.validate()

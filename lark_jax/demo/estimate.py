@@ -86,10 +86,8 @@ def estimate(cfg: DemoConfig, n_trajectories: int, per_teacher: dict[str, int],
     first_order = (_S["train"] * cfg.first_order_steps * cfg.batch_size * p
                    + _S["score"] * n_trajectories * p) if cfg.first_order_steps else 0.0
     # iterative methods: the pool scored again by each seed's student at every round
-    rescores = sum((-(-cfg.run_steps(cfg.task.n_pool * cfg.budget)
-                      // (cfg.steps_per_epoch(cfg.task.n_pool * cfg.budget)
-                          * cfg.iterative_epochs)) - 1) * len(cfg.seeds)
-                   for m in cfg.methods if METHOD_SPECS[m].iterative)
+    rescores = sum((len(cfg.iterative_stops(cfg.task.n_pool * cfg.budget)) - 1)
+                   * len(cfg.seeds) for m in cfg.methods if METHOD_SPECS[m].iterative)
     return {
         "student": 0.0 if student_cached else _S["student"] * r.pretrain_steps * r.batch_size * p,
         "score": _S["score"] * n_trajectories * p,

@@ -439,8 +439,7 @@ def train_iterative(ctx: DemoContext, jobs: list[_Job]) -> tuple[Any, list[float
 
     cfg = ctx.cfg
     total = jobs[0].steps
-    every = cfg.steps_per_epoch(jobs[0].info["n_records"]) * cfg.iterative_epochs
-    stops = [*range(every, total, every), total]
+    stops = cfg.iterative_stops(jobs[0].info["n_records"])
     cfgs = [_train_config(cfg, j.seed, j.objective, total) for j in jobs]
     policy = METHOD_SPECS[jobs[0].key].policy
     files = [j.data for j in jobs]
